@@ -1,0 +1,1 @@
+"""One module per ``synthfed-coordinator`` command; each exposes ``register(app)``."""

@@ -1,0 +1,1 @@
+"""One module per ``synthfed-node`` command; each exposes ``register(app)``."""

@@ -1,0 +1,1 @@
+"""Site generator: latent diffusion training and sampling (MONAI networks)."""

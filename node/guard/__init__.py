@@ -1,0 +1,1 @@
+"""Node side of the distance guard: reference building, generate and screen runs."""

@@ -1,0 +1,69 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from protocols.audit import append_audit, verify_audit_log
+from protocols.errors import VerificationError
+
+
+def _log(tmp_path: Path, n: int = 5) -> Path:
+    path = tmp_path / "audit.jsonl"
+    for i in range(n):
+        append_audit(path, "event", {"i": i})
+    return path
+
+
+def test_intact_chain_verifies(tmp_path: Path) -> None:
+    report = verify_audit_log(_log(tmp_path))
+    assert report.records == 5
+
+
+def test_edited_middle_record_is_named(tmp_path: Path) -> None:
+    path = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[2])
+    record["details"]["i"] = 99
+    lines[2] = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(VerificationError) as err:
+        verify_audit_log(path)
+    assert err.value.where == f"{path}:3"
+    assert "edited" in err.value.reason
+
+
+def test_deleted_middle_record_is_named(tmp_path: Path) -> None:
+    path = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    del lines[2]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(VerificationError) as err:
+        verify_audit_log(path)
+    assert err.value.where == f"{path}:3"
+    assert "record 2 is missing" in err.value.reason
+
+
+def test_rehashed_edit_still_breaks_the_chain(tmp_path: Path) -> None:
+    # An attacker who recomputes the edited record's own hash still breaks the next one's prev.
+    from protocols.files import canonical_json, sha256_hex
+
+    path = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[1])
+    record["details"]["i"] = 42
+    body = {k: v for k, v in record.items() if k != "hash"}
+    record["hash"] = sha256_hex(canonical_json(body))
+    lines[1] = canonical_json(record).decode()
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(VerificationError) as err:
+        verify_audit_log(path)
+    assert err.value.where == f"{path}:3"
+
+
+def test_truncated_last_record_is_reported(tmp_path: Path) -> None:
+    path = _log(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(VerificationError) as err:
+        verify_audit_log(path)
+    assert err.value.where == f"{path}:5"

@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from node.cli import app
+
+runner = CliRunner()
+
+
+def test_init_then_audit_json(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    result = runner.invoke(app, ["init", "--site", "s1", "--home", str(home), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["site"] == "s1"
+    result = runner.invoke(app, ["audit", "--home", str(home), "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["records"] == 2
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "audit", "--home", str(tmp_path / "none")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: not a node home")
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_does_not_import_torch() -> None:
+    code = (
+        "import sys, node.cli\n"
+        "try:\n    node.cli.app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'faiss', 'ray', 'monai') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY="

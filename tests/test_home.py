@@ -1,0 +1,70 @@
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from node.config import NodeConfig, NodePaths, load_node_config
+from node.errors import HomeError
+from node.home import init_home
+from protocols.audit import verify_audit_log
+from protocols.errors import ConfigError
+from protocols.keys import load_public_key, load_signing_key
+
+
+def test_init_creates_the_home_of_the_design(tmp_path: Path) -> None:
+    paths = init_home(tmp_path / "h", "site-a")
+    for sub in ("store/shards", "models", "guard", "runs", "outbox/pending",
+                "outbox/approved", "outbox/sent"):
+        assert (paths.root / sub).is_dir(), sub
+    assert stat.S_IMODE(paths.site_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(paths.pseudonym_secret.stat().st_mode) == 0o600
+    key = load_signing_key(paths.site_key)
+    assert key.public == load_public_key(paths.site_pub)
+    assert verify_audit_log(paths.audit).records == 2
+    config = load_node_config(paths)
+    assert config.site == "site-a"
+    assert config.store.image_size == 64
+
+
+def test_init_refuses_an_existing_home(tmp_path: Path) -> None:
+    init_home(tmp_path / "h", "site-a")
+    with pytest.raises(HomeError, match="already exists"):
+        init_home(tmp_path / "h", "site-b")
+
+
+def test_node_yaml_writes_every_default_with_a_comment(tmp_path: Path) -> None:
+    paths = init_home(tmp_path / "h", "site-a")
+    text = paths.config.read_text()
+    data = yaml.safe_load(text)
+    assert data["store"]["holdout_fraction"] == 0.2
+    assert data["policy"]["reviewer_signatures_required"] == 1
+    assert text.count("#") >= 10
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"store": {"imagesize": 64}}, "unknown key store.imagesize"),
+        ({"store": {"image_size": 65}}, "store.image_size"),
+        ({"store": {"holdout_fraction": "a lot"}}, "store.holdout_fraction"),
+        ({"store": {"holdout_fraction": 1.5}}, "holdout_fraction must be in"),
+        ({"policy": {"reviewer_keys": "abc"}}, "policy.reviewer_keys"),
+        ({"store": {"plane": "oblique"}}, "store.plane"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, patch: dict, message: str) -> None:
+    paths = init_home(tmp_path / "h", "site-a")
+    data = yaml.safe_load(paths.config.read_text())
+    for section, values in patch.items():
+        data[section].update(values)
+    paths.config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_node_config(NodePaths(paths.root))
+
+
+def test_config_round_trips_through_yaml() -> None:
+    from protocols.typed import from_dict
+
+    config = NodeConfig(site="x")
+    assert from_dict(NodeConfig, yaml.safe_load(config.to_yaml())) == config
