@@ -1,0 +1,263 @@
+"""Presets: complete generator configurations for a CI box, a 2-core CPU and a GPU.
+
+:func:`resolve_config` fills every hyperparameter left ``null`` in node.yaml from the chosen
+preset (a command-line ``--preset`` beats node.yaml's), validates the result and returns a
+:class:`GeneratorConfig` — the frozen, fully concrete configuration that a checkpoint carries
+and that sampling rebuilds the networks from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from node.generator.settings import PRESET_NAMES, GeneratorSettings
+from protocols.errors import ConfigError
+
+__all__ = ["PRESETS", "GeneratorConfig", "resolve_config", "config_from_dict"]
+
+# tiny: seconds on 2 cores at 32x32..64x64 (tests, demo); cpu: ~1 h on 2 cores at 64x64;
+# gpu: 128x128 and up with bf16 autocast. The cpu networks are sized from measured step times
+# (bench/RESULTS.md): an autoencoder with a 4x downsampling (64x64 -> 16x16x3 latents) and a
+# UNet with attention only at the two coarse latent levels.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "ae_channels": [8, 16, 16],
+        "ae_latent_channels": 2,
+        "ae_num_res_blocks": 1,
+        "ae_norm_groups": 4,
+        "ae_attention": False,
+        "ae_steps": 60,
+        "ae_batch_size": 16,
+        "ae_lr": 3e-3,
+        "ae_kl_weight": 1e-6,
+        "ae_adversarial_weight": 0.0,
+        "ae_adversarial_start": 0,
+        "unet_channels": [16, 32],
+        "unet_attention_levels": [False, False],
+        "unet_num_res_blocks": 1,
+        "unet_norm_groups": 8,
+        "unet_head_channels": 8,
+        "diffusion_steps": 80,
+        "diffusion_batch_size": 16,
+        "diffusion_lr": 2e-3,
+        "prediction_type": "epsilon",
+        "train_timesteps": 1000,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.0015,
+        "beta_end": 0.0195,
+        "conditioning": "auto",
+        "condition_dropout": 0.1,
+        "guidance_scale": 1.0,
+        "ema_decay": 0.99,
+        "warmup_fraction": 0.05,
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "checkpoint_every": 50,
+        "sampler": "dpm",
+        "sample_steps": 10,
+        "quality_count": 32,
+    },
+    "cpu": {
+        "ae_channels": [32, 64, 64],
+        "ae_latent_channels": 3,
+        "ae_num_res_blocks": 1,
+        "ae_norm_groups": 16,
+        "ae_attention": False,
+        "ae_steps": 3000,
+        "ae_batch_size": 16,
+        "ae_lr": 1e-3,
+        "ae_kl_weight": 1e-6,
+        "ae_adversarial_weight": 0.0,
+        "ae_adversarial_start": 1000,
+        "unet_channels": [64, 128, 128],
+        "unet_attention_levels": [False, True, True],
+        "unet_num_res_blocks": 1,
+        "unet_norm_groups": 16,
+        "unet_head_channels": 32,
+        "diffusion_steps": 8000,
+        "diffusion_batch_size": 32,
+        "diffusion_lr": 5e-4,
+        "prediction_type": "v_prediction",
+        "train_timesteps": 1000,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.0015,
+        "beta_end": 0.0195,
+        "conditioning": "auto",
+        "condition_dropout": 0.1,
+        "guidance_scale": 1.0,
+        "ema_decay": 0.999,
+        "warmup_fraction": 0.02,
+        "weight_decay": 1e-4,
+        "grad_clip": 1.0,
+        "checkpoint_every": 250,
+        "sampler": "dpm",
+        "sample_steps": 20,
+        "quality_count": 256,
+    },
+    "gpu": {
+        "ae_channels": [64, 128, 128, 256],
+        "ae_latent_channels": 4,
+        "ae_num_res_blocks": 2,
+        "ae_norm_groups": 32,
+        "ae_attention": True,
+        "ae_steps": 20000,
+        "ae_batch_size": 32,
+        "ae_lr": 5e-4,
+        "ae_kl_weight": 1e-6,
+        "ae_adversarial_weight": 0.01,
+        "ae_adversarial_start": 5000,
+        "unet_channels": [128, 256, 384],
+        "unet_attention_levels": [False, True, True],
+        "unet_num_res_blocks": 2,
+        "unet_norm_groups": 32,
+        "unet_head_channels": 64,
+        "diffusion_steps": 60000,
+        "diffusion_batch_size": 64,
+        "diffusion_lr": 2.5e-4,
+        "prediction_type": "v_prediction",
+        "train_timesteps": 1000,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.0015,
+        "beta_end": 0.0195,
+        "conditioning": "auto",
+        "condition_dropout": 0.1,
+        "guidance_scale": 1.5,
+        "ema_decay": 0.9999,
+        "warmup_fraction": 0.01,
+        "weight_decay": 1e-4,
+        "grad_clip": 1.0,
+        "checkpoint_every": 1000,
+        "sampler": "dpm",
+        "sample_steps": 20,
+        "quality_count": 1000,
+    },
+}
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The concrete configuration of one generator: what a checkpoint records."""
+
+    preset: str
+    seed: int
+    ae_channels: tuple[int, ...]
+    ae_latent_channels: int
+    ae_num_res_blocks: int
+    ae_norm_groups: int
+    ae_attention: bool
+    ae_steps: int
+    ae_batch_size: int
+    ae_lr: float
+    ae_kl_weight: float
+    ae_adversarial_weight: float
+    ae_adversarial_start: int
+    unet_channels: tuple[int, ...]
+    unet_attention_levels: tuple[bool, ...]
+    unet_num_res_blocks: int
+    unet_norm_groups: int
+    unet_head_channels: int
+    diffusion_steps: int
+    diffusion_batch_size: int
+    diffusion_lr: float
+    prediction_type: str
+    train_timesteps: int
+    beta_schedule: str
+    beta_start: float
+    beta_end: float
+    conditioning: str
+    condition_dropout: float
+    guidance_scale: float
+    ema_decay: float
+    warmup_fraction: float
+    weight_decay: float
+    grad_clip: float
+    checkpoint_every: int
+    sampler: str
+    sample_steps: int
+    quality_count: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.ae_steps + self.diffusion_steps
+
+    @property
+    def latent_downsampling(self) -> int:
+        return int(2 ** (len(self.ae_channels) - 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def check(self, where: str = "generator") -> None:
+        """Reject combinations the networks cannot build, naming the key."""
+
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"generator.{key}: {why}", where)
+
+        for key in ("ae_channels", "unet_channels"):
+            chans = getattr(self, key)
+            groups = self.ae_norm_groups if key == "ae_channels" else self.unet_norm_groups
+            if not chans or any(c <= 0 for c in chans):
+                raise bad(key, "must be a non-empty list of positive integers")
+            if any(c % groups for c in chans):
+                raise bad(key, f"every channel count must be a multiple of norm groups {groups}")
+        if len(self.unet_attention_levels) != len(self.unet_channels):
+            raise bad("unet_attention_levels", "needs one entry per unet_channels level")
+        for key, chans, flags in (("unet_head_channels", self.unet_channels,
+                                   self.unet_attention_levels),):
+            for c, flag in zip(chans, flags, strict=True):
+                if flag and c % self.unet_head_channels:
+                    raise bad(key, f"must divide every attention level's channels ({c})")
+        for key in ("ae_steps", "diffusion_steps", "ae_batch_size", "diffusion_batch_size",
+                    "train_timesteps", "checkpoint_every", "sample_steps", "quality_count",
+                    "ae_latent_channels", "ae_num_res_blocks", "unet_num_res_blocks"):
+            if getattr(self, key) <= 0:
+                raise bad(key, "must be positive")
+        for key in ("ae_lr", "diffusion_lr", "grad_clip"):
+            if getattr(self, key) <= 0:
+                raise bad(key, "must be positive")
+        for key in ("condition_dropout", "ema_decay", "warmup_fraction"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise bad(key, "must be in [0, 1)")
+        if self.guidance_scale < 0:
+            raise bad("guidance_scale", "must be >= 0")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise bad("beta_end", "needs 0 < beta_start < beta_end < 1")
+        if self.sample_steps > self.train_timesteps:
+            raise bad("sample_steps", "cannot exceed train_timesteps")
+
+
+def resolve_config(settings: GeneratorSettings, preset: str | None = None) -> GeneratorConfig:
+    """node.yaml's generator section, with every ``null`` filled from the preset."""
+    name = preset if preset is not None else settings.preset
+    if name not in PRESETS:
+        allowed = ", ".join(PRESET_NAMES)
+        raise ConfigError(f"unknown preset {name!r}; choose one of {allowed}", "--preset")
+    values: dict[str, Any] = {"preset": name, "seed": settings.seed}
+    for key, default in PRESETS[name].items():
+        given = getattr(settings, key)
+        values[key] = default if given is None else given
+    for key in ("ae_channels", "unet_channels", "unet_attention_levels"):
+        values[key] = tuple(values[key])
+    config = GeneratorConfig(**values)
+    config.check()
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> GeneratorConfig:
+    """Rebuild the configuration a checkpoint recorded."""
+    names = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    unknown = set(data) - names
+    missing = names - set(data)
+    if unknown or missing:
+        raise ConfigError(
+            f"checkpoint config does not match this version (unknown {sorted(unknown)},"
+            f" missing {sorted(missing)})",
+            "checkpoint",
+        )
+    values = dict(data)
+    for key in ("ae_channels", "unet_channels", "unet_attention_levels"):
+        values[key] = tuple(values[key])
+    return GeneratorConfig(**values)
