@@ -61,14 +61,15 @@ def round_query(msg: Message, context: Context) -> Message:
 
     paths, partition = home_for(context)
     record = msg.content.config_records.get("synthfed")
-    if record is None or not isinstance(record.get("request"), bytes):
+    request = record.get("request") if record is not None else None
+    if not isinstance(request, bytes):
         raise UsageError("round query without a request")
-    answer = handle_round_request(paths, record["request"],
+    answer = handle_round_request(paths, request,
                                   auto_approve_key=_auto_approve_key(partition))
-    content: dict[str, object] = {"reply": answer.envelope}
+    content = ConfigRecord({"reply": answer.envelope})
     if answer.bundle is not None:
         content["bundle"] = split_chunks(answer.bundle, CHUNK_BYTES)
-    return Message(RecordDict({"synthfed": ConfigRecord(content)}), reply_to=msg)
+    return Message(RecordDict({"synthfed": content}), reply_to=msg)
 
 
 @app.evaluate()
@@ -87,9 +88,9 @@ def evaluate_shared_model(msg: Message, context: Context) -> Message:
     task = str(record.get("task", "denoise"))
     if task not in ("denoise", "sr") or not isinstance(chunks, list):
         raise UsageError("evaluate message is malformed")
-    blob = b"".join(bytes(c) for c in chunks)
+    blob = b"".join(c for c in chunks if isinstance(c, bytes))
     result = evaluate_model(paths, config, blob, task)  # type: ignore[arg-type]
-    metrics: dict[str, float | list[float]] = {}
+    metrics = MetricRecord()
     for key, value in result.items():
         if isinstance(value, bool):
             continue
@@ -98,4 +99,4 @@ def evaluate_shared_model(msg: Message, context: Context) -> Message:
         elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
             metrics[key] = [float(v) for v in value]
     append_audit(paths.audit, "evaluation_replied", {"task": task, "metrics": sorted(metrics)})
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

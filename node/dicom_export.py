@@ -12,6 +12,7 @@ values travel as signed 16-bit pixels with RescaleSlope / RescaleIntercept (HU e
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from protocols.files import atomic_write_bytes
+from protocols.files import fsync_dir
 
 __all__ = ["write_dicom_files", "storage_class_for", "DICOM_NAME"]
 
@@ -141,6 +142,7 @@ def write_dicom_files(
     """Write ``images`` (float32 [N, H, W], physical units) as one DICOM file each."""
     if images.ndim != 3 or images.shape[0] == 0:
         raise ValueError("images must be [N, H, W] with N >= 1")
+    out_dir.mkdir(parents=True, exist_ok=True)
     created = created or datetime.now(UTC)
     sop_class = storage_class_for(modality, pixel_spacing_mm, plane)
     slope, intercept, pixels = _rescale(images.astype(np.float64), unit)
@@ -206,8 +208,24 @@ def write_dicom_files(
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         path = out_dir / DICOM_NAME.format(index=index)
-        paths.append(atomic_write_bytes(path, buffer.getvalue()))
+        _write_new_file(path, buffer.getvalue())
+        paths.append(path)
+    fsync_dir(out_dir)
     return paths
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (never overwrite) and fsync it; the folder is fsynced once at the end.
+
+    The DICOM folder is written inside the export's temporary folder, which is published by
+    one atomic rename, so a per-file rename and folder fsync (atomic_write_bytes) would only
+    cost time: about a third of the export of 1,000 files on this machine.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _image_plane(

@@ -5,8 +5,9 @@ degradation config and the given seed), restores them with the shared network, a
 per-image PSNR / SSIM / RMSE in physical units (HU window stated for CT) and their means.
 
 What this module must never do: return or write an image, a slice identifier or anything per
-patient. The reply holds scalars, short strings (site, task, units, digests) and 1-D lists of
-per-image metric values (in the store's stable slice order, so two models pair image by image);
+patient. The reply is flat: scalars, short strings (site, task, units, digests), the degradation config
+and 1-D lists of per-image metric values (``psnr_db``, ``ssim``, ``rmse``, and ``input_*`` for the
+degraded input itself), with their means (``mean_*``, ``input_mean_*``) (in the store's stable slice order, so two models pair image by image);
 :func:`check_reply_is_numbers_only` enforces that before the reply is handed to any transport.
 Holdout slices are read here and nowhere in generator training (invariant 3); they never leave.
 """
@@ -71,11 +72,14 @@ def evaluate_model(
         "holdout_digest": holdout_digest,
         "degradation": _plain(info["degradation"]),
         **scoring_description(info),
-        "metrics": {m: [float(v) for v in per_image["model"][m]] for m in METRICS},
-        "means": {m: float(np.mean(per_image["model"][m])) for m in METRICS},
-        "input_metrics": {m: [float(v) for v in per_image["input"][m]] for m in METRICS},
-        "input_means": {m: float(np.mean(per_image["input"][m])) for m in METRICS},
     }
+    # Flat on purpose: every number is a top-level scalar or 1-D list, as a Flower MetricRecord
+    # holds them (psnr_db / ssim / rmse per image; input_* for the degraded input, arm 0).
+    for m in METRICS:
+        reply[m] = [float(v) for v in per_image["model"][m]]
+        reply[f"input_{m}"] = [float(v) for v in per_image["input"][m]]
+        reply[f"mean_{m}"] = float(np.mean(per_image["model"][m]))
+        reply[f"input_mean_{m}"] = float(np.mean(per_image["input"][m]))
     check_reply_is_numbers_only(reply)
     return reply
 

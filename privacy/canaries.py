@@ -91,7 +91,8 @@ def _one(kind: str, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def alter(kind: str, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One canary of ``kind`` made from ``image`` [S, S] in [0, 1]."""
     out = _one(kind, np.asarray(image, dtype=np.float32), rng)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    clipped: np.ndarray = np.clip(out, 0.0, 1.0).astype(np.float32)
+    return clipped
 
 
 def make_canaries(

@@ -105,7 +105,10 @@ def _augment(x: Any, config: EncoderConfig, gen: Any) -> Any:
     import torch.nn.functional as tf
 
     b, _, s, _ = x.shape
-    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+
+    def u(*shape: int) -> Any:
+        return torch.rand(*shape, generator=gen)
+
     angle = (u(b) * 2 - 1) * math.radians(config.max_rotation_deg)
     zoom = config.min_zoom + (1 - config.min_zoom) * u(b)
     flip = torch.where(u(b) < 0.5, -1.0, 1.0)

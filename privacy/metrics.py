@@ -77,6 +77,8 @@ class Metric(ABC):
     """One guard metric: ``d(q, r) = scale * min_t ||V_t(q) - F(r)||``."""
 
     name: str = ""
+    #: Metrics with the same feature space share one reference index.
+    feature_space: str = "pixels"
 
     @abstractmethod
     def scale(self, image_shape: tuple[int, int]) -> float:
@@ -183,6 +185,7 @@ class EmbeddingDistance(Metric):
     """
 
     name = "embedding"
+    feature_space = "embedding"
 
     def __init__(
         self, embed: Callable[[np.ndarray], np.ndarray], info: dict[str, object] | None = None

@@ -53,6 +53,7 @@ __all__ = [
     "ExactIndex",
     "Nearest",
     "exact_sq_distances",
+    "exact_pair_sq_distances",
     "brute_force_nearest",
 ]
 
@@ -68,6 +69,20 @@ def exact_sq_distances(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
     C-contiguous array on its own), so any subset of rows gives the same numbers.
     """
     diff = np.asarray(rows, dtype=np.float64) - np.asarray(v, dtype=np.float64)[None, :]
+    out: np.ndarray = np.sum(diff * diff, axis=1)
+    return out
+
+
+def exact_pair_sq_distances(
+    variants: np.ndarray, vrows: np.ndarray, features: np.ndarray, frows: np.ndarray
+) -> np.ndarray:
+    """Exact squared distances of pairs (variants[vrows[i]], features[frows[i]]).
+
+    Row ``i`` is reduced on its own, exactly as :func:`exact_sq_distances` reduces it.
+    """
+    diff = np.asarray(features[frows], dtype=np.float64) - np.asarray(
+        variants[vrows], dtype=np.float64
+    )
     out: np.ndarray = np.sum(diff * diff, axis=1)
     return out
 
@@ -253,15 +268,13 @@ class ExactIndex:
                 break  # sorted: every later pair has a bound at least as large
             ts, rs = np.divmod(batch, nc)
             rs = rs + offset
-            for tv in np.unique(ts):
-                sel = rs[ts == tv]
-                sq = exact_sq_distances(var[tv], self.features[sel])
-                done += sel.size
-                bound = top.bound()
-                for s, r in zip(sq.tolist(), sel.tolist(), strict=True):
-                    if s < bound or len(top.items) < top.k:
-                        top.offer(s, r, int(tv))
-                        bound = top.bound()
+            sq = exact_pair_sq_distances(var, ts, self.features, rs)
+            done += batch.size
+            bound = top.bound()
+            for s, r, tv in zip(sq.tolist(), rs.tolist(), ts.tolist(), strict=True):
+                if s < bound or len(top.items) < top.k:
+                    top.offer(s, r, tv)
+                    bound = top.bound()
         return done
 
 

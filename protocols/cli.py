@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from protocols.cli_support import run_app
+from protocols.manifest_cli import register as register_commands
 
 __all__ = ["app", "main"]
 
@@ -15,6 +16,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+register_commands(app)
 
 
 def main() -> None:

@@ -150,6 +150,7 @@ class RoundReply:
     reason: str = ""
     bundle_sha256: str = ""
     bundle_bytes: int = 0
+    archive_sha256: str = ""
     sent: float = 0.0
     timings_s: dict[str, float] = field(default_factory=dict)
     schema: str = REPLY_SCHEMA
@@ -160,7 +161,11 @@ class RoundReply:
         _require(self.state in REPLY_STATES, f"unknown reply state {self.state!r}", where)
         _require(bool(_SITE.match(self.site)), "site name is malformed", where)
         if self.state == "bundle":
-            _require(len(self.bundle_sha256) == 64, "bundle reply without a digest", where)
+            _require(
+                len(self.bundle_sha256) == 64 and len(self.archive_sha256) == 64,
+                "bundle reply without its digests",
+                where,
+            )
 
     def to_payload(self) -> bytes:
         return canonical_json(asdict(self))
@@ -170,7 +175,8 @@ class RoundReply:
         obj = _load_object(payload, where)
         expected = {
             "round_id": str, "nonce": str, "site": str, "state": str, "reason": str,
-            "bundle_sha256": str, "bundle_bytes": int, "sent": (int, float),
+            "bundle_sha256": str, "bundle_bytes": int, "archive_sha256": str,
+            "sent": (int, float),
             "timings_s": dict, "schema": str,
         }
         _check_fields(obj, expected, where)

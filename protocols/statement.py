@@ -180,6 +180,10 @@ def validate_predicate(predicate: Any, where: str = "statement") -> dict[str, An
         raise _fail("predicate.images.pixel_spacing_mm must be positive or null", where)
     for key in ("file", "metadata"):
         check_subject_name(images[key], where)
+        if "/" in images[key]:
+            raise _fail(f"predicate.images.{key} must be a top-level file", where)
+    if images["file"] == images["metadata"]:
+        raise _fail("predicate.images file and metadata must differ", where)
     if not images["unit"] or not images["modality"]:
         raise _fail("predicate.images unit and modality must be non-empty", where)
     if not pred["thresholds"]:

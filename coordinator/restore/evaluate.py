@@ -106,10 +106,10 @@ def aggregate_sites(replies: dict[str, dict[str, Any]]) -> dict[str, Any]:
     pooled: dict[str, dict[str, list[float]]] = {"model": {}, "input": {}}
     for site, reply in sorted(replies.items()):
         entry: dict[str, Any] = {"n_images": int(reply["n_images"])}
-        for kind, key in (("model", "metrics"), ("input", "input_metrics")):
+        for kind, prefix in (("model", ""), ("input", "input_")):
             entry[kind] = {}
             for metric in METRICS:
-                values = [float(v) for v in reply[key][metric]]
+                values = [float(v) for v in reply[prefix + metric]]
                 entry[kind][metric] = describe(values) if values else {"n": 0}
                 pooled[kind].setdefault(metric, []).extend(values)
         out["sites"][site] = entry

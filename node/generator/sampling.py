@@ -14,7 +14,9 @@ the guard's in-memory accepted set may become an export.
 
 from __future__ import annotations
 
+import io
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,8 +32,9 @@ from node.generator.presets import GeneratorConfig, config_from_dict
 from node.generator.train import step_seed
 from node.store import Store
 from protocols.errors import UsageError
+from protocols.files import atomic_write_bytes, atomic_write_text
 
-__all__ = ["Generator", "load_generator", "to_physical"]
+__all__ = ["Generator", "load_generator", "to_physical", "write_unscreened_samples"]
 
 SamplerName = Literal["dpm", "ddim", "ddpm"]
 _NOISE_STREAM = 7001
@@ -242,3 +245,79 @@ def to_physical(
     with Store(paths.store) as store:
         scale, offset, unit = store.physical_mapping(modality)
     return (images * np.float32(scale) + np.float32(offset)).astype(np.float32), unit
+
+
+UNSCREENED_NOTE = (
+    "UNSCREENED synthetic images from synthfed-node sample: not checked by the distance guard."
+    " For inspection only; they may resemble a real patient and must not leave the site."
+    " No export can be made from these files: export only takes the guard's in-memory"
+    " accepted set.\n"
+)
+
+
+def write_unscreened_samples(
+    paths: NodePaths,
+    generator: Generator,
+    out: Path,
+    *,
+    count: int,
+    seed: int = 0,
+    scheduler: str = "dpm",
+    steps: int | None = None,
+    modality: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """samples.npz (physical units, flagged unscreened) + samples.png + UNSCREENED.txt."""
+    from node.generator.figures import save_grid_png
+
+    target = Path(out).resolve()
+    outbox = paths.outbox.resolve()
+    if target == outbox or target.is_relative_to(outbox):
+        raise UsageError(
+            "refusing to write unscreened samples inside the outbox", str(target)
+        )
+    if count < 1:
+        raise UsageError("--count must be at least 1", "--count")
+    if modality is None and len(generator.modalities) == 1:
+        modality = generator.modalities[0]
+    if modality is None:
+        raise UsageError(
+            f"this generator knows several modalities ({', '.join(generator.modalities)}):"
+            " pass --modality",
+            "--modality",
+        )
+    if scheduler not in ("dpm", "ddim", "ddpm"):
+        raise UsageError(f"unknown scheduler {scheduler!r}; use dpm, ddim or ddpm",
+                         "--scheduler")
+    images = generator.sample(count, seed=seed, scheduler=scheduler,  # type: ignore[arg-type]
+                              steps=steps, modality=modality, progress=progress)
+    physical, unit = to_physical(paths, images, modality)
+    target.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        images=physical,
+        unscreened=np.array(True),
+        note=np.array(UNSCREENED_NOTE.strip()),
+        modality=np.array(modality),
+        unit=np.array(unit),
+        seed=np.array(seed),
+        checkpoint_digest=np.array(generator.checkpoint_digest),
+    )
+    atomic_write_bytes(target / "samples.npz", buffer.getvalue())
+    atomic_write_text(target / "UNSCREENED.txt", UNSCREENED_NOTE)
+    low, high = np.percentile(physical, [0.5, 99.5]) if physical.size else (0.0, 1.0)
+    save_grid_png(target / "samples.png", physical[:64],
+                  f"UNSCREENED {modality} samples ({unit}), seed {seed}",
+                  (float(low), float(high)))
+    return {
+        "count": count,
+        "modality": modality,
+        "unit": unit,
+        "seed": seed,
+        "scheduler": scheduler,
+        "unscreened": True,
+        "npz": str(target / "samples.npz"),
+        "png": str(target / "samples.png"),
+        "checkpoint_digest": generator.checkpoint_digest,
+    }

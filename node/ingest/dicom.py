@@ -180,9 +180,14 @@ def open_dicom(data: bytes, content_digest: str) -> DicomObject:
 
 def _classify(ds: Any, preamble: bool, content_digest: str) -> DicomObject:
     has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
-    sop_class = str(ds.get("SOPClassUID", "") or "").strip()
-    if not preamble and not sop_class and not (has_pixels and "Rows" in ds):
-        raise Skipped("not DICOM or a known image format")
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip() or str(
+        (meta.get("MediaStorageSOPClassUID", "") if meta is not None else "") or ""
+    ).strip()
+    if not sop_class and not has_pixels:
+        # A Part 10 file without even a SOP class is damaged (pydicom stops quietly at a
+        # truncated element); a bare byte stream without one is not DICOM at all.
+        raise Skipped("corrupt or truncated" if preamble else "not DICOM or a known image format")
     raw_modality = str(ds.get("Modality", "") or "").strip().upper()
     if sop_class == _MEDIA_DIRECTORY or "DirectoryRecordSequence" in ds:
         raise Skipped("non-image object (DICOMDIR)")
@@ -198,6 +203,10 @@ def _classify(ds: Any, preamble: bool, content_digest: str) -> DicomObject:
     if "SCREEN SAVE" in image_type:
         raise Skipped("secondary capture")
     if not has_pixels:
+        if ("Rows" in ds and "Columns" in ds) or sop_class in _IMAGE_SOP_MODALITY:
+            # An image object without its pixels was cut short (pydicom stops quietly at a
+            # truncated element) or stripped.
+            raise Skipped("corrupt or truncated (pixel data missing)")
         raise Skipped("no pixel data")
     modality = raw_modality or _IMAGE_SOP_MODALITY.get(sop_class, "")
     if modality not in MODALITIES:
@@ -396,11 +405,11 @@ def _decode(ds: Any, n_frames: int) -> np.ndarray:
         warnings.simplefilter("ignore")
         try:
             array = np.asarray(ds.pixel_array)
-        except Exception as exc:  # every handler failure is a per-file skip, never a crash
-            text = str(exc).lower()
+        except Exception:  # every handler failure is a per-file skip, never a crash
             syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
-            if ("length" in text or "truncat" in text or "insufficient" in text
-                    or "end of" in text) and not syntax.is_compressed:
+            if syntax.is_transfer_syntax and not syntax.is_compressed:
+                # Native pixel data only fails to decode when it is short or its group 0028
+                # description is inconsistent: a damaged file, not a missing codec.
                 raise Skipped("corrupt or truncated (pixel data)") from None
             name = syntax.name if syntax.is_transfer_syntax else "unknown transfer syntax"
             raise Skipped(f"decode failed ({name})") from None

@@ -1,0 +1,247 @@
+"""Generator benchmark and real-data check (issue 3): build a store, train, measure.
+
+    python bench/bench_generator.py build --home DIR --kind mr|ct [--size 64]
+    python bench/bench_generator.py train --home DIR [--preset cpu] [--ae-steps N]
+        [--diffusion-steps N]
+    python bench/bench_generator.py bench --home DIR [--label TEXT]
+
+``build`` makes a store from ../shared/data without the ingest pipeline (written in parallel):
+MR = brain-tumor-t1c JPEGs (per-slice 0.5 / 99.5 percentiles -> [0, 1], patients from
+patients.csv); CT = the three CT folders, axial slices only, HU via RescaleSlope / Intercept,
+window [-1024, 3071] -> [0, 1]. Slices are box-downsampled to the store's grid. ``bench``
+times both training stages and three samplers on the same trained model and appends the
+figures to bench/RESULTS.md. Outputs stay in the node home (keep it out of the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+
+
+def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.fromarray(pixels.astype(np.float32), mode="F")
+    return np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+
+
+def build_mr(home: Path, size: int) -> int:
+    from PIL import Image
+
+    from node.pseudonym import Pseudonymiser
+    from node.store import NewSlice, Store
+    from protocols.files import sha256_file
+
+    root = DATA / "mr" / "brain-tumor-t1c"
+    pseudo = Pseudonymiser.from_file(home / "keys" / "pseudonym.secret")
+    rows = list(csv.DictReader(open(root / "patients.csv", encoding="utf-8")))
+    batch: list[NewSlice] = []
+    added = 0
+    with Store(home / "store") as store:
+        for row in rows:
+            path = root / row["file"]
+            raw = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+            low, high = np.percentile(raw, [0.5, 99.5])
+            if high <= low:
+                continue
+            norm = np.clip((raw - low) / (high - low), 0.0, 1.0)
+            digest = sha256_file(path)
+            batch.append(NewSlice(
+                modality="MR", patient=pseudo.patient(row["patient_id"]),
+                series=pseudo.series(row["patient_id"] + "/" + row["label"]),
+                position=float(Path(row["file"]).stem), source_digest=digest,
+                instance_key=pseudo.instance(digest), pixels=_resize(norm, size),
+                unit="a.u.", scale=float(high - low), offset=float(low), label=row["label"],
+            ))
+            if len(batch) == 256:
+                added += store.add_batch(batch)
+                batch = []
+        added += store.add_batch(batch)
+        split = store.assign_split(0.2, lambda p: pseudo.rank(0, p))
+    print(f"MR store: {added} slices, split {split}")
+    return added
+
+
+def build_ct(home: Path, size: int) -> int:
+    import pydicom
+
+    from node.pseudonym import Pseudonymiser
+    from node.store import NewSlice, Store
+    from protocols.files import sha256_file
+
+    pseudo = Pseudonymiser.from_file(home / "keys" / "pseudonym.secret")
+    batch: list[NewSlice] = []
+    skipped = 0
+    for path in sorted((DATA / "ct").rglob("*")):
+        if not path.is_file() or path.suffix.lower() in (".md", ".csv", ".txt"):
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+            iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+            normal = np.cross(iop[:3], iop[3:])
+            if abs(normal[2]) < 0.9:  # axial slices only
+                skipped += 1
+                continue
+            hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(
+                ds.RescaleIntercept
+            )
+        except Exception as exc:  # noqa: BLE001 - a bench skips any unreadable file
+            print(f"skip {path.name}: {type(exc).__name__}", file=sys.stderr)
+            skipped += 1
+            continue
+        norm = np.clip((hu + 1024.0) / 4095.0, 0.0, 1.0)
+        digest = sha256_file(path)
+        position = float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else 0.0
+        batch.append(NewSlice(
+            modality="CT", patient=pseudo.patient(str(ds.PatientID)),
+            series=pseudo.series(str(ds.SeriesInstanceUID)), position=position,
+            source_digest=digest, instance_key=pseudo.instance(str(ds.SOPInstanceUID)),
+            pixels=_resize(norm, size), unit="HU", scale=4095.0, offset=-1024.0,
+            spacing_mm=float(ds.PixelSpacing[0]) * ds.Rows / size,
+        ))
+    with Store(home / "store") as store:
+        added = 0
+        for start in range(0, len(batch), 64):
+            added += store.add_batch(batch[start : start + 64])
+        split = store.assign_split(0.2, lambda p: pseudo.rank(0, p))
+    print(f"CT store: {added} slices ({skipped} skipped: not axial or unreadable), {split}")
+    return added
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from node.home import init_home
+
+    home = Path(args.home)
+    if not (home / "node.yaml").exists():
+        init_home(home, f"bench-{args.kind}")
+    text = (home / "node.yaml").read_text()
+    text = text.replace("image_size: 64", f"image_size: {args.size}")
+    (home / "node.yaml").write_text(text)
+    (build_mr if args.kind == "mr" else build_ct)(home, args.size)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from node.config import load_node_config, resolve_home
+    from node.generator.train import train_generator
+
+    paths = resolve_home(args.home)
+    config = load_node_config(paths)
+    if args.ae_steps:
+        config.generator.ae_steps = args.ae_steps
+    if args.diffusion_steps:
+        config.generator.diffusion_steps = args.diffusion_steps
+    summary = train_generator(paths, config, preset=args.preset, resume=args.resume,
+                              overwrite=not args.resume, progress=True)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def _time_steps(run: object, stage: str, n: int) -> float:
+    step = run.autoencoder_step if stage == "autoencoder" else run.diffusion_step  # type: ignore[attr-defined]
+    step()  # warm-up
+    started = time.perf_counter()
+    for _ in range(n):
+        step()
+    return n / (time.perf_counter() - started)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from node.config import resolve_home
+    from node.generator.checkpoint import checkpoint_path, load_checkpoint
+    from node.generator.device import choose_device, describe_device
+    from node.generator.presets import config_from_dict
+    from node.generator.sampling import load_generator
+    from node.generator.train import _Run, load_training_data
+    from node.store import Store
+
+    paths = resolve_home(args.home)
+    state, _ = load_checkpoint(checkpoint_path(paths))
+    cfg = config_from_dict(state["config"])
+    device = choose_device(None)
+    with Store(paths.store) as store:
+        data, digest = load_training_data(store, state["conditioning"])
+    run = _Run(cfg, data, device, digest)
+    run.restore(state)
+    figures: dict[str, float] = {}
+    run.step = 0
+    figures["train_autoencoder_steps_per_s"] = _time_steps(run, "autoencoder", args.train_steps)
+    run.step = cfg.ae_steps
+    figures["train_diffusion_steps_per_s"] = _time_steps(run, "diffusion", args.train_steps)
+    generator = load_generator(paths)
+    for name, scheduler, steps, count in (
+        ("dpm20", "dpm", 20, args.count),
+        ("ddim50", "ddim", 50, args.count),
+        ("ddpm1000", "ddpm", 1000, args.ddpm_count),
+    ):
+        generator.sample(2, seed=99, scheduler=scheduler, steps=2)  # warm-up
+        started = time.perf_counter()
+        generator.sample(count, seed=0, scheduler=scheduler, steps=steps,
+                         batch_size=min(count, 32))
+        figures[f"sample_{name}_images_per_s"] = count / (time.perf_counter() - started)
+    threads = torch.get_num_threads()
+    lines = [
+        "",
+        f"## generator: {args.label}",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {platform.machine()} {os.cpu_count()}-core CPU shared with other jobs,"
+        f" torch threads {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}),"
+        f" device {describe_device(device)}",
+        f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python"
+        f" bench/bench_generator.py bench --home {args.home} --label '{args.label}'`",
+        f"- model: preset {cfg.preset}, image {data.size}x{data.size}, {data.n} train slices,"
+        f" AE batch {cfg.ae_batch_size}, UNet batch {cfg.diffusion_batch_size}",
+    ]
+    for key, value in figures.items():
+        lines.append(f"- {key}: {value:.3f}")
+    results = REPO / "bench" / "RESULTS.md"
+    if not results.exists():
+        results.write_text("# Benchmark results\n\nMachine, date, command and figures of each"
+                           " run, newest last.\n")
+    with open(results, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build")
+    p.add_argument("--home", required=True)
+    p.add_argument("--kind", choices=("mr", "ct"), required=True)
+    p.add_argument("--size", type=int, default=64)
+    p.set_defaults(func=cmd_build)
+    p = sub.add_parser("train")
+    p.add_argument("--home", required=True)
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--ae-steps", type=int, default=0)
+    p.add_argument("--diffusion-steps", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("bench")
+    p.add_argument("--home", required=True)
+    p.add_argument("--label", default="")
+    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--count", type=int, default=32)
+    p.add_argument("--ddpm-count", type=int, default=4)
+    p.set_defaults(func=cmd_bench)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The guard: several metrics, one exact index per feature space, one decision per image.
+
+An image is accepted only when, under *every* metric, its exact nearest-neighbour distance to
+the reference (every real slice of the site) is at or above that metric's threshold. The
+distances come from :class:`privacy.search.ExactIndex`, which equals brute force.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from privacy.errors import GuardError
+from privacy.metrics import Metric, check_images
+from privacy.search import ExactIndex, Nearest
+
+__all__ = ["Guard", "Screening", "metric_nearest"]
+
+_QUERY_BLOCK_ENTRIES = 1 << 22  # float32 entries of query variants held at once
+
+
+def metric_nearest(
+    metric: Metric, index: ExactIndex, images: np.ndarray, k: int = 2
+) -> Nearest:
+    """Exact k nearest references of ``images`` under ``metric`` (queries in blocks)."""
+    arr = check_images(images)
+    per_image = metric.n_variants() * arr.shape[1] * arr.shape[2]
+    block = max(1, _QUERY_BLOCK_ENTRIES // per_image)
+    parts = [
+        index.nearest(metric.query_variants(arr[start : start + block]), k=k)
+        for start in range(0, arr.shape[0], block)
+    ]
+    if not parts:
+        kk = max(1, min(k, index.n))
+        return Nearest(
+            sq=np.zeros((0, kk)),
+            index=np.zeros((0, kk), dtype=np.int64),
+            variant=np.zeros(0, dtype=np.int64),
+            evaluated=np.zeros(0, dtype=np.int64),
+        )
+    return Nearest(
+        sq=np.concatenate([p.sq for p in parts]),
+        index=np.concatenate([p.index for p in parts]),
+        variant=np.concatenate([p.variant for p in parts]),
+        evaluated=np.concatenate([p.evaluated for p in parts]),
+    )
+
+
+@dataclass
+class Screening:
+    """Decisions and exact distances for a batch of candidates."""
+
+    accepted: np.ndarray  # bool [Q]
+    distances: dict[str, np.ndarray]  # metric -> exact nearest distance [Q]
+    second: dict[str, np.ndarray]  # metric -> exact second-nearest distance [Q]
+    nearest_row: dict[str, np.ndarray]  # metric -> reference row of the nearest [Q]
+    failed: list[list[str]]  # per candidate: metrics whose threshold it breaks
+    evaluated_pairs: dict[str, int] = field(default_factory=dict)
+    brute_force_pairs: dict[str, int] = field(default_factory=dict)
+
+    def rejected(self, thresholds: dict[str, float]) -> list[dict[str, object]]:
+        """One entry per rejected candidate: the first failing metric (in metric order)."""
+        out: list[dict[str, object]] = []
+        for i, names in enumerate(self.failed):
+            if names:
+                m = names[0]
+                out.append(
+                    {
+                        "index": i,
+                        "metric": m,
+                        "distance": float(self.distances[m][i]),
+                        "threshold": float(thresholds[m]),
+                        "failed": list(names),
+                    }
+                )
+        return out
+
+
+class Guard:
+    """Metrics with thresholds over a fixed reference of real slices [N, S, S]."""
+
+    def __init__(
+        self,
+        metrics: Sequence[Metric],
+        reference: np.ndarray,
+        thresholds: dict[str, float],
+        n_components: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if not metrics:
+            raise GuardError("the guard needs at least one metric", "guard.metrics", 2)
+        names = [m.name for m in metrics]
+        if len(set(names)) != len(names):
+            raise GuardError(f"duplicate metrics {names}", "guard.metrics", 2)
+        missing = [n for n in names if n not in thresholds]
+        if missing:
+            raise GuardError(f"no threshold for {missing}", "guard.thresholds", 2)
+        for n in names:
+            if not thresholds[n] > 0:
+                raise GuardError(f"threshold of {n} must be > 0", "guard.thresholds", 2)
+        ref = np.asarray(reference)
+        if ref.ndim != 3 or ref.shape[0] == 0:
+            raise GuardError(f"reference must be [N, H, W], N > 0; found {ref.shape}", "guard", 2)
+        self.metrics = list(metrics)
+        self.thresholds = {n: float(thresholds[n]) for n in names}
+        self.image_shape = (int(ref.shape[1]), int(ref.shape[2]))
+        self.n_reference = int(ref.shape[0])
+        self.indexes: dict[str, ExactIndex] = {}
+        for m in self.metrics:
+            if m.feature_space not in self.indexes:
+                self.indexes[m.feature_space] = ExactIndex(
+                    m.reference_features(ref), n_components=n_components, seed=seed
+                )
+
+    def nearest(self, metric: Metric, images: np.ndarray, k: int = 2) -> Nearest:
+        return metric_nearest(metric, self.indexes[metric.feature_space], images, k)
+
+    def screen(self, images: np.ndarray) -> Screening:
+        arr = check_images(images, "candidates")
+        if arr.shape[1:] != self.image_shape:
+            raise GuardError(
+                f"candidates are {arr.shape[1:]}, the reference is {self.image_shape}",
+                "candidates",
+                2,
+            )
+        q = arr.shape[0]
+        distances, second, rows = {}, {}, {}
+        evaluated, brute = {}, {}
+        failed: list[list[str]] = [[] for _ in range(q)]
+        for m in self.metrics:
+            res = self.nearest(m, arr, k=2)
+            scale = m.scale(self.image_shape)
+            d = res.distances(scale)
+            distances[m.name] = d[:, 0]
+            second[m.name] = d[:, 1] if d.shape[1] > 1 else np.full(q, np.inf)
+            rows[m.name] = res.index[:, 0]
+            evaluated[m.name] = int(res.evaluated.sum())
+            brute[m.name] = q * m.n_variants() * self.n_reference
+            for i in np.flatnonzero(d[:, 0] < self.thresholds[m.name]).tolist():
+                failed[i].append(m.name)
+        accepted = np.asarray([not f for f in failed], dtype=bool)
+        return Screening(accepted, distances, second, rows, failed, evaluated, brute)

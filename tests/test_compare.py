@@ -1,0 +1,129 @@
+"""The arm comparison runs end to end (machinery only) and reports honestly."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from coordinator.restore.compare import load_compare_config, run_comparison
+from coordinator.restore.testing import make_site_home, stand_in_synthetic
+from protocols.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def homes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("sites")
+    return [
+        make_site_home(root, f"site-{c}", "CT", patients=4, slices_per_patient=2, size=32,
+                       seed=i)
+        for i, c in enumerate("abc")
+    ]
+
+
+def write_config(tmp_path: Path, homes: list[Path], **overrides) -> Path:
+    config = {
+        "task": "denoise", "modality": "CT", "preset": "tiny", "steps": 6, "batch_size": 4,
+        "sites": [{"name": h.name, "home": str(h)} for h in homes],
+        "fedavg": {"rounds": 2},
+        "low_dose": {"n_angles": 32},
+        **overrides,
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_tiny_comparison_runs_every_arm_end_to_end(homes: list[Path], tmp_path: Path) -> None:
+    config = load_compare_config(write_config(tmp_path, homes))
+    out = tmp_path / "report"
+    results = run_comparison(config, out, synthetic_source=stand_in_synthetic("CT"),
+                             synthetic_label="stand-in phantoms (test only, not guarded)",
+                             progress=False)
+    assert results["arms_run"] == ["S", "R", "L", "F", "0"]
+    assert results["notes"] == {}
+    # every arm is scored on the same images of every site, in the same order
+    for arm in results["arms_run"]:
+        for site in ("site-a", "site-b", "site-c"):
+            assert len(results["per_image"][arm][site]["psnr_db"]) == 2
+    assert results["per_image"]["0"] == {
+        s: results["per_image"]["0"][s] for s in ("site-a", "site-b", "site-c")
+    }
+    assert set(results["tests"]) == {"S vs R", "S vs F", "F vs R", "S vs L"}
+    sr = results["tests"]["S vs R"]["psnr_db"]["overall"]
+    assert sr["n"] == 6 and sr["margin"] == 0.5
+    assert sr["verdict"] in {"equivalent", "different", "different but within margin",
+                             "inconclusive"}
+    fed = results["provenance"]["F"]
+    assert fed["total_steps"] == 6 and fed["sites"] == 3  # summed budget: 2 rounds x 1 x 3
+    assert not list((out / "fedavg-work").glob("*.npz"))
+    for name in ("report.md", "report.html", "results.json", "boxplots.png", "examples.png"):
+        assert (out / name).is_file(), name
+    markdown = (out / "report.md").read_text()
+    assert "stand-in phantoms (test only, not guarded)" in markdown
+    assert "| site-a | 6 | 3 | 2 | 1 |" in markdown  # split and counts stated
+    assert "TOST" in markdown and "not* evidence of equivalence" in markdown
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert not re.search(r'src="(?!data:)', page)  # self-contained
+    assert json.loads((out / "results.json").read_text())["arms_run"] == results["arms_run"]
+
+
+def test_arm_s_without_a_generator_is_reported_missing_not_faked(
+    homes: list[Path], tmp_path: Path
+) -> None:
+    config = load_compare_config(write_config(tmp_path, homes, arms=["S", "R", "0"]))
+    results = run_comparison(config, tmp_path / "r", progress=False)
+    assert results["arms_run"] == ["R", "0"]
+    assert results["notes"]["S"].startswith("not run: ")
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "S vs R: not tested (arm S did not run)" in markdown
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"arms": ["S", "X"]}, "unknown arms"),
+        ({"bogus": 1}, "unknown key bogus"),
+        ({"steps": -1}, "steps and batch_size"),
+        ({"task": "deblur"}, "task"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(
+    homes: list[Path], tmp_path: Path, overrides: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_compare_config(write_config(tmp_path, homes, **overrides))
+
+
+def test_fedavg_needs_two_sites_and_names_are_unique(homes: list[Path], tmp_path: Path) -> None:
+    one = load_compare_config(write_config(tmp_path, homes[:1], arms=["F"]))
+    with pytest.raises(ConfigError, match="at least two sites"):
+        run_comparison(one, tmp_path / "x", progress=False)
+    twice = load_compare_config(write_config(
+        tmp_path, homes[:1], sites=[{"name": "a", "home": str(homes[0])}] * 2, arms=["R"]))
+    with pytest.raises(ConfigError, match="site names repeat"):
+        run_comparison(twice, tmp_path / "y", progress=False)
+
+
+def test_cli_compare_json(
+    homes: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coordinator.cli import app
+    from protocols.cli_support import run_app
+
+    path = write_config(tmp_path, homes, arms=["R", "0"])
+    result = CliRunner().invoke(app, ["compare", "--config", str(path), "--out",
+                                      str(tmp_path / "cli"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["arms_run"] == ["R", "0"]
+    assert set(summary["overall"]) == {"R", "0"}
+    with pytest.raises(SystemExit) as stop:
+        run_app(app, ["compare", "--config", str(tmp_path / "none.yaml")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("error: comparison config not found (")

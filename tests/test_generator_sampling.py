@@ -1,0 +1,191 @@
+"""Generator sampling (contract A): seeded, batched, conditioned, unscreened output guarded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.config import NodePaths, load_node_config
+from node.errors import TrainingError
+from node.generator.sampling import Generator, load_generator, write_unscreened_samples
+from node.generator.train import train_generator
+from node.store import NewSlice, Store
+from protocols.errors import UsageError
+
+SIZE = 32
+
+
+def phantoms(n: int, size: int, seed: int, bright: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
+    out = np.zeros((n, size, size), np.float32)
+    for i in range(n):
+        a, b = rng.uniform(0.6, 0.9, 2)
+        img = ((xx / a) ** 2 + (yy / b) ** 2 <= 1) * bright
+        cx, cy = rng.uniform(-0.3, 0.3, 2)
+        img = img + ((xx - cx) ** 2 + (yy - cy) ** 2 <= 0.04) * 0.3
+        out[i] = np.clip(img, 0, 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> NodePaths:
+    """A tiny generator conditioned on modality (a CT + MR store), with CFG guidance 2."""
+    from node.home import init_home
+
+    paths = init_home(tmp_path_factory.mktemp("sampling") / "home", "site-s")
+    batch = []
+    for modality, bright, scale, offset, unit in (("CT", 0.3, 4095.0, -1024.0, "HU"),
+                                                  ("MR", 0.7, 200.0, 5.0, "a.u.")):
+        px = phantoms(24, SIZE, seed=len(batch), bright=bright)
+        batch += [
+            NewSlice(modality=modality, patient=f"patient-{modality}-{i % 6}",
+                     series=f"{modality}{i % 6}", position=float(i), source_digest=f"d{i}",
+                     instance_key=f"{modality}-{i}", pixels=px[i], unit=unit, scale=scale,
+                     offset=offset)
+            for i in range(24)
+        ]
+    with Store(paths.store) as store:
+        store.add_batch(batch)
+        store.assign_split(0.2, lambda p: p)
+    config = load_node_config(paths)
+    gen = dataclasses.replace(config.generator, preset="tiny", ae_steps=30, diffusion_steps=30,
+                              guidance_scale=2.0)
+    train_generator(paths, dataclasses.replace(config, generator=gen), progress=False,
+                    quality=False)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def generator(trained: NodePaths) -> Generator:
+    return load_generator(trained)
+
+
+def test_generator_describes_itself_without_patient_data(
+    generator: Generator, trained: NodePaths
+) -> None:
+    assert generator.image_size == SIZE
+    assert generator.modalities == ["CT", "MR"]
+    assert generator.conditioning == "modality"
+    with Store(trained.store) as store:
+        assert generator.train_split_digest == store.split_digest("train")
+    summary = generator.summary()
+    assert summary["checkpoint_digest"] == generator.checkpoint_digest
+    assert summary["preset"] == "tiny" and summary["steps"] == 60
+    assert summary["architecture"]["stage2"]["network"].endswith("DiffusionModelUNet")
+    assert set(summary["counts_by_modality"]) == {"CT", "MR"}
+    assert "patient" not in json.dumps(summary)
+
+
+@pytest.mark.parametrize(("scheduler", "steps"), [("dpm", 8), ("ddim", 8), ("ddpm", 12)])
+def test_same_seed_gives_identical_images(
+    generator: Generator, scheduler: str, steps: int
+) -> None:
+    a = generator.sample(5, seed=11, scheduler=scheduler, steps=steps, batch_size=4,  # type: ignore[arg-type]
+                         modality="CT")
+    b = generator.sample(5, seed=11, scheduler=scheduler, steps=steps, batch_size=4,  # type: ignore[arg-type]
+                         modality="CT")
+    assert a.dtype == np.float32 and a.shape == (5, SIZE, SIZE)
+    assert np.array_equal(a, b)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    c = generator.sample(5, seed=12, scheduler=scheduler, steps=steps, batch_size=4,  # type: ignore[arg-type]
+                         modality="CT")
+    assert not np.allclose(a, c)
+
+
+def test_image_i_does_not_depend_on_the_batch_size(generator: Generator) -> None:
+    whole = generator.sample(6, seed=3, steps=6, batch_size=6, modality="MR")
+    split = generator.sample(6, seed=3, steps=6, batch_size=2, modality="MR")
+    np.testing.assert_allclose(whole, split, atol=1e-4)
+    first = generator.sample(2, seed=3, steps=6, batch_size=2, modality="MR")
+    np.testing.assert_allclose(whole[:2], first, atol=1e-4)
+
+
+def test_modality_selects_the_class(generator: Generator) -> None:
+    ct = generator.sample(8, seed=0, steps=10, modality="CT")
+    mr = generator.sample(8, seed=0, steps=10, modality="MR")
+    # MR phantoms are brighter than CT phantoms in normalised space.
+    assert mr.mean() > ct.mean()
+
+
+def test_several_modalities_need_a_choice_and_unknown_ones_are_refused(
+    generator: Generator,
+) -> None:
+    with pytest.raises(UsageError, match="several modalities"):
+        generator.sample(2, seed=0, steps=2)
+    with pytest.raises(UsageError, match="not PT"):
+        generator.sample(2, seed=0, steps=2, modality="PT")
+    with pytest.raises(UsageError, match="steps must be in"):
+        generator.sample(2, seed=0, steps=5000, modality="CT")
+    with pytest.raises(UsageError, match="unknown scheduler"):
+        generator.sample(2, seed=0, scheduler="euler", modality="CT")  # type: ignore[arg-type]
+
+
+def test_no_checkpoint_means_no_trained_generator(node_home: Path) -> None:
+    with pytest.raises(TrainingError, match="no trained generator"):
+        load_generator(NodePaths(node_home))
+
+
+def test_unfinished_checkpoint_is_not_a_trained_generator(tmp_path: Path) -> None:
+    from node.home import init_home
+
+    paths = init_home(tmp_path / "home", "site-u")
+    px = phantoms(12, SIZE, 0, 0.5)
+    with Store(paths.store) as store:
+        store.add_batch([NewSlice("MR", f"p{i % 3}", "s", float(i), "d", f"k{i}", px[i],
+                                  "a.u.", 1.0, 0.0) for i in range(12)])
+    config = load_node_config(paths)
+    gen = dataclasses.replace(config.generator, preset="tiny", ae_steps=3, diffusion_steps=3)
+    train_generator(paths, dataclasses.replace(config, generator=gen), max_steps=4,
+                    progress=False, quality=False)
+    with pytest.raises(TrainingError, match="no trained generator: the checkpoint is unfinished"):
+        load_generator(paths)
+
+
+def test_unscreened_samples_are_marked_and_in_physical_units(
+    generator: Generator, trained: NodePaths, tmp_path: Path
+) -> None:
+    out = tmp_path / "look"
+    result = write_unscreened_samples(trained, generator, out, count=3, seed=1, steps=4,
+                                      modality="CT")
+    assert result["unscreened"] is True and result["unit"] == "HU"
+    normalised = generator.sample(3, seed=1, steps=4, modality="CT")
+    with np.load(out / "samples.npz") as npz:
+        assert bool(npz["unscreened"]) is True
+        assert "UNSCREENED" in str(npz["note"])
+        np.testing.assert_allclose(npz["images"], normalised * 4095.0 - 1024.0, atol=1e-2)
+    assert "not checked by the distance guard" in (out / "UNSCREENED.txt").read_text()
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("inside", ["", "pending", "approved/bundle-x"])
+def test_samples_are_never_written_into_the_outbox(
+    generator: Generator, trained: NodePaths, inside: str
+) -> None:
+    target = trained.outbox / inside if inside else trained.outbox
+    before = sorted(p.name for p in trained.outbox.rglob("*"))
+    with pytest.raises(UsageError, match="inside the outbox"):
+        write_unscreened_samples(trained, generator, target, count=1, steps=2, modality="CT")
+    assert sorted(p.name for p in trained.outbox.rglob("*")) == before
+
+
+def test_sample_command_refuses_the_outbox_with_exit_2(trained: NodePaths) -> None:
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from protocols.cli_support import run_app
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["sample", "--home", str(trained.root), "--out", str(trained.outbox / "pending"),
+              "--modality", "CT", "--count", "1"],
+    )
+    assert isinstance(result.exception, UsageError)
+    with pytest.raises(SystemExit) as info:
+        run_app(app, ["sample", "--home", str(trained.root), "--out",
+                      str(trained.outbox), "--modality", "CT", "--count", "1"])
+    assert info.value.code == 2
