@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -182,11 +183,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run.step = cfg.ae_steps
     figures["train_diffusion_steps_per_s"] = _time_steps(run, "diffusion", args.train_steps)
     generator = load_generator(paths)
-    for name, scheduler, steps, count in (
+    runs: tuple[tuple[str, Literal["dpm", "ddim", "ddpm"], int, int], ...] = (
         ("dpm20", "dpm", 20, args.count),
         ("ddim50", "ddim", 50, args.count),
         ("ddpm1000", "ddpm", 1000, args.ddpm_count),
-    ):
+    )
+    for name, scheduler, steps, count in runs:
         generator.sample(2, seed=99, scheduler=scheduler, steps=2)  # warm-up
         started = time.perf_counter()
         generator.sample(count, seed=0, scheduler=scheduler, steps=steps,

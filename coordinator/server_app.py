@@ -79,10 +79,9 @@ def run_round(
     node_site: dict[int, str] = {}
     tries: dict[int, int] = {}
     wire_bytes = 0
-    transfer_s = 0.0
+    transfer_s = 0.0  # Flower's share of each poll: its wall time minus the nodes' handlers
     verify_s = 0.0
-    node_generate_s: dict[str, float] = {}
-    node_review_s: dict[str, float] = {}
+    site_timings: dict[str, dict[str, float]] = {}
 
     def final(site: str) -> bool:
         return handle.state()["sites"][site]["state"] in ("verified", "refused")
@@ -99,6 +98,7 @@ def run_round(
         replies = list(grid.send_and_receive(
             messages, timeout=min(reply_timeout_s, max(1.0, deadline - time.monotonic()))))
         t_back = time.monotonic()
+        handlers_s = 0.0
         answered: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -139,10 +139,11 @@ def run_round(
                              {"round": round_id, "site": site, "reason": "wrong round"})
                 continue
             entry = handle.state()["sites"][site]
-            if "generate" in status.timings_s:
-                node_generate_s[site] = status.timings_s["generate"]
-            if "review_wait" in status.timings_s:
-                node_review_s[site] = status.timings_s["review_wait"]
+            handlers_s += status.timings_s.get("handler", 0.0)
+            timing = site_timings.setdefault(site, {})
+            for key in ("generate", "approve", "review_wait", "pack"):
+                if key in status.timings_s:
+                    timing[key] = round(timing.get(key, 0.0) + status.timings_s[key], 4)
             if status.state == "refused":
                 if entry["state"] not in ("verified", "refused"):
                     set_site_state(paths, handle, site, "refused", status.reason)
@@ -165,7 +166,7 @@ def run_round(
                     raw_chunks, list) else None
                 size = len(envelope) + sum(len(c) for c in chunks or [])
                 wire_bytes += size
-                transfer_s += max(0.0, (t_back - t_sent) - status.timings_s.get("handler", 0.0))
+                timing["bundle_wire_bytes"] = size
                 try:
                     if not chunks:
                         raise VerificationError("bundle reply without bundle bytes", "transfer")
@@ -180,12 +181,14 @@ def run_round(
                     result = receive_bundle_bytes(paths, data, round_id=round_id,
                                                   claimed_site=site)
                     verify_s += result.verify_s
+                    timing["verify"] = round(result.verify_s, 4)
                     if result.accepted:
                         active.discard(node)
                         continue
                 tries[node] = tries.get(node, 0) + 1
                 if tries[node] >= MAX_DELIVERY_TRIES:
                     active.discard(node)
+        transfer_s += max(0.0, (t_back - t_sent) - handlers_s)
         for node in active - answered:
             # No answer in time: a site that drops out is recorded and polled until deadline.
             site = node_site.get(node)
@@ -202,12 +205,14 @@ def run_round(
     elapsed = time.monotonic() - started
     timings = {
         "round_wall": round(elapsed, 4),
-        "generate_max_site": round(max(node_generate_s.values(), default=0.0), 4),
-        "review_wait_max_site": round(max(node_review_s.values(), default=0.0), 4),
+        "generate_sum_sites": round(sum(t.get("generate", 0.0) for t in site_timings.values()), 4),
+        "review_wait_max_site": round(
+            max((t.get("review_wait", 0.0) for t in site_timings.values()), default=0.0), 4),
         "transfer": round(transfer_s, 4),
         "verify": round(verify_s, 4),
     }
-    state = update_round(handle, timings_s=timings, wire_bytes=wire_bytes)
+    state = update_round(handle, timings_s=timings, wire_bytes=wire_bytes,
+                         site_timings_s=site_timings)
     accepted = sum(int(e.get("n_images", 0)) for e in state["sites"].values()
                    if e["state"] == "verified")
     append_audit(paths.audit, "round_run_done", {"round": round_id, "accepted_images": accepted})

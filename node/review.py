@@ -181,7 +181,7 @@ def render_review(
     grid = base64.b64encode(grid_png(images, window=window)).decode("ascii")
     # Small model grids (64 px) are shown enlarged, pixelated, up to the page width.
     natural = min(images.shape[0], 8) * (images.shape[2] + 2)
-    display_width = min(1000, natural * max(1, 1000 // max(natural, 1)))
+    display_width = min(1000, 2 * natural)
     parts.append(
         f"<h2>Images</h2><p>{shown} of {images.shape[0]} shown; window "
         f"{window[0]:.4g} to {window[1]:.4g} {esc(str(images_info['unit']))}.</p>"

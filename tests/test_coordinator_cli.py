@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from roundkit import answer_by_file, make_site
 from typer.testing import CliRunner
 
 from coordinator.cli import app
 from protocols.audit import verify_audit_log
 from protocols.cli_support import run_app
 from protocols.keys import generate_keypair
-from roundkit import answer_by_file, make_site
 
 runner = CliRunner()
 

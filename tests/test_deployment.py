@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from roundkit import fake_generate, make_coordinator, make_site
 
 REPO = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> NodePaths:
     from node.home import init_home
 
     paths = init_home(tmp_path_factory.mktemp("sampling") / "home", "site-s")
-    batch = []
+    batch: list[NewSlice] = []
     for modality, bright, scale, offset, unit in (("CT", 0.3, 4095.0, -1024.0, "HU"),
                                                   ("MR", 0.7, 200.0, 5.0, "a.u.")):
         px = phantoms(24, SIZE, seed=len(batch), bright=bright)

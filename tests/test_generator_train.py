@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from node.generator.checkpoint import checkpoint_path, load_checkpoint
 from node.generator.presets import PRESETS, resolve_config
 from node.generator.settings import GeneratorSettings
 from node.generator.train import batch_indices, train_generator
-from node.store import NewSlice, Store
+from node.store import NewSlice, SliceRecord, Store
 from protocols.errors import ConfigError
 from protocols.typed import from_dict
 
@@ -63,7 +65,7 @@ def small_config(paths: NodePaths, **overrides: object) -> NodeConfig:
     return dataclasses.replace(config, generator=gen)
 
 
-def loss_lines(paths: NodePaths, summary: dict) -> list[dict]:
+def loss_lines(paths: NodePaths, summary: dict[str, Any]) -> list[dict[str, Any]]:
     text = (Path(summary["run_dir"]) / "losses.jsonl").read_text().splitlines()
     return [json.loads(line) for line in text]
 
@@ -109,7 +111,9 @@ def test_generated_node_yaml_loads_back_with_nulls_meaning_preset() -> None:
         ({"beta_start": 0.5, "beta_end": 0.1}, "generator.beta_end"),
     ],
 )
-def test_impossible_settings_are_refused_naming_the_key(overrides: dict, key: str) -> None:
+def test_impossible_settings_are_refused_naming_the_key(
+    overrides: dict[str, Any], key: str
+) -> None:
     settings = from_dict(GeneratorSettings, {"preset": "tiny", **overrides})
     with pytest.raises(ConfigError) as info:
         resolve_config(settings)
@@ -183,14 +187,16 @@ def test_training_never_requests_a_holdout_slice(
     loaded_splits: set[str] = set()
     real_records, real_load = Store.records, Store.load
 
-    def records(self: Store, split: str | None = None, modality: str | None = None) -> list:
+    def records(
+        self: Store, split: str | None = None, modality: str | None = None
+    ) -> list[SliceRecord]:
         requested_splits.append(split)
         return real_records(self, split, modality)
 
-    def load(self: Store, recs: object) -> np.ndarray:
-        recs = list(recs)  # type: ignore[call-overload]
-        loaded_splits.update(r.split for r in recs)
-        return real_load(self, recs)
+    def load(self: Store, recs: Iterable[SliceRecord]) -> np.ndarray:
+        listed = list(recs)
+        loaded_splits.update(r.split for r in listed)
+        return real_load(self, listed)
 
     monkeypatch.setattr(Store, "records", records)
     monkeypatch.setattr(Store, "load", load)
@@ -237,7 +243,7 @@ def test_killed_run_resumes_from_the_last_checkpoint(
                                quality=False)
     real_step = train_module._Run.autoencoder_step
 
-    def dying_step(self: train_module._Run) -> dict:
+    def dying_step(self: train_module._Run) -> dict[str, float]:
         if self.step == 8:  # checkpoints were written at step 5
             raise KeyboardInterrupt
         return real_step(self)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from roundkit import answer_by_file, answer_over_flower, make_coordinator, make_site
 
 from coordinator.intake import receive_bundle_bytes, receive_bundle_dir
 from coordinator.rounds import close_round, open_round
 from protocols.audit import verify_audit_log
-from roundkit import answer_by_file, answer_over_flower, make_coordinator, make_site
 
 
 @pytest.fixture
@@ -66,9 +66,10 @@ def test_bundle_altered_after_signing_is_rejected(world, tmp_path: Path) -> None
 
 
 def test_bundle_from_a_site_not_in_the_trust_store_is_rejected(world, tmp_path: Path) -> None:
+    from roundkit import fake_generate
+
     from node.config import load_node_config
     from node.export import approve_bundle, send_bundle
-    from roundkit import fake_generate
 
     coord, _, _, handle = world
     stranger = make_site(tmp_path, "site-x", None)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from roundkit import answer_by_file, make_coordinator, make_site
 
 from coordinator.intake import receive_bundle_dir
 from coordinator.pool import build_pool, load_pool, write_pool
 from coordinator.rounds import open_round
 from protocols.bundle import load_bundle_images, verify_bundle
 from protocols.errors import OperationError, UsageError
-from roundkit import answer_by_file, make_coordinator, make_site
 
 
 def _desc(site: str, digest: str) -> dict:

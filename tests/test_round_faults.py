@@ -11,6 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from roundkit import (
+    LoopbackGrid,
+    answer_over_flower,
+    approve_pending,
+    fake_generate,
+    make_coordinator,
+    make_site,
+)
 
 import node.daemon
 from coordinator.intake import receive_bundle_bytes
@@ -22,14 +30,6 @@ from node.rounds import load_node_round
 from protocols.audit import verify_audit_log
 from protocols.keys import generate_keypair
 from protocols.rounds import RoundRequest, new_round_id, sign_request
-from roundkit import (
-    LoopbackGrid,
-    answer_over_flower,
-    approve_pending,
-    fake_generate,
-    make_coordinator,
-    make_site,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"node_wait_s": 1.0, "reply_timeout_s": 30.0, "poll_interval_s": 0.0}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from roundkit import make_coordinator, make_site, set_node_policy
 
 from coordinator.rounds import load_round, open_round, set_site_state
 from node.config import load_node_config
@@ -31,7 +32,6 @@ from protocols.rounds import (
     verify_reply,
     verify_request,
 )
-from roundkit import make_coordinator, make_site, set_node_policy
 
 
 def _request(key, **change) -> RoundRequest:  # type: ignore[no-untyped-def]

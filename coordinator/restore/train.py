@@ -58,6 +58,7 @@ __all__ = [
     "model_state",
     "model_bytes",
     "data_digest",
+    "train_from_pool",
 ]
 
 MODEL_FORMAT = "synthfed-restore-model/1"
@@ -561,3 +562,54 @@ def model_bytes(
 ) -> bytes:
     """A model file's bytes without writing it (what is sent to the sites)."""
     return _to_bytes({"format": MODEL_FORMAT, **model_state(net, settings, summary, extra)})
+
+
+# ---- the coordinator's entry point ---------------------------------------------------------
+
+
+def train_from_pool(
+    pool_dir: Path,
+    task: str,
+    net: str,
+    out_dir: Path,
+    *,
+    preset: str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    steps: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``net`` for ``task`` on a pool (contract D) only; writes out_dir/model.pt."""
+    from coordinator.pool import load_pool
+
+    images, index, manifest = load_pool(pool_dir)
+    modalities = sorted({str(line["modality"]) for line in index})
+    if len(modalities) != 1:
+        raise UsageError(f"the pool holds {modalities or 'no'} modalities; one is needed",
+                         str(pool_dir))
+    modality = modalities[0]
+    existing = (out_dir / "checkpoint.pt").exists() or (out_dir / "model.pt").exists()
+    if existing and not (resume or overwrite):
+        raise UsageError("a training run exists here: pass --resume or --overwrite", str(out_dir))
+    if overwrite and not resume:
+        for name in ("checkpoint.pt", "model.pt", "losses.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+    settings = settings_for(net, task, modality, preset, steps=steps, seed=seed)
+    clean = np.asarray(images, dtype=np.float32)
+    inputs, targets, _, _ = make_pairs(
+        clean, DegradationConfig.from_dict(settings.degradation),
+        Normalisation.from_dict(settings.normalisation), seed=seed + 1,
+    )
+    extra = {
+        "source": "pool", "round": manifest.get("round"),
+        "pool_counts": manifest.get("counts"),
+        "bundles": [b.get("bundle_digest") for b in manifest.get("bundles", [])],
+        "data_digest": data_digest(clean),
+    }
+    _, summary = train_network(inputs, targets, settings, out_dir, resume=resume,
+                               progress=progress, device=device, extra=extra)
+    return {**summary, "task": task, "net": net, "modality": modality, "preset": preset,
+            "round": manifest.get("round"), "n_images": int(clean.shape[0]),
+            "out_dir": str(out_dir)}

@@ -22,7 +22,7 @@ SamplerName = Literal["dpm", "ddim", "ddpm"]
 
 
 def build_autoencoder(config: GeneratorConfig) -> nn.Module:
-    from monai.networks.nets import AutoencoderKL
+    from monai.networks.nets.autoencoderkl import AutoencoderKL
 
     return AutoencoderKL(
         spatial_dims=2,
@@ -40,7 +40,7 @@ def build_autoencoder(config: GeneratorConfig) -> nn.Module:
 
 def build_unet(config: GeneratorConfig, n_classes: int) -> nn.Module:
     """The denoiser; with classes it gets one extra embedding, the 'no class' of CFG."""
-    from monai.networks.nets import DiffusionModelUNet
+    from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet
 
     return DiffusionModelUNet(
         spatial_dims=2,
@@ -56,7 +56,7 @@ def build_unet(config: GeneratorConfig, n_classes: int) -> nn.Module:
 
 
 def build_discriminator(config: GeneratorConfig) -> nn.Module:
-    from monai.networks.nets import PatchDiscriminator
+    from monai.networks.nets.patchgan_discriminator import PatchDiscriminator
 
     return PatchDiscriminator(
         spatial_dims=2, num_layers_d=3, channels=32, in_channels=1, out_channels=1
@@ -67,6 +67,10 @@ def make_scheduler(config: GeneratorConfig, kind: SamplerName | Literal["train"]
     """A diffusers scheduler with the training beta schedule (same for every sampler)."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+    ddpm: Any = DDPMScheduler
+    ddim: Any = DDIMScheduler
+    dpm: Any = DPMSolverMultistepScheduler
+
     common: dict[str, Any] = {
         "num_train_timesteps": config.train_timesteps,
         "beta_start": config.beta_start,
@@ -75,12 +79,12 @@ def make_scheduler(config: GeneratorConfig, kind: SamplerName | Literal["train"]
         "prediction_type": config.prediction_type,
     }
     if kind in ("train", "ddpm"):
-        return DDPMScheduler(**common, clip_sample=False)
+        return ddpm(**common, clip_sample=False)
     if kind == "ddim":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False,
+        return ddim(**common, clip_sample=False, set_alpha_to_one=False,
                              timestep_spacing="trailing")
     if kind == "dpm":
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++",
+        return dpm(**common, algorithm_type="dpmsolver++",
                                            solver_order=2)
     raise ValueError(f"unknown sampler {kind!r}")
 

@@ -66,7 +66,8 @@ def radial_power_spectrum(images: np.ndarray) -> np.ndarray:
     profile = np.array(
         [mean_power[radius == r].mean() for r in range(1, r_max + 1)], dtype=np.float64
     )
-    return np.log10(profile + 1e-12)
+    result: np.ndarray = np.asarray(np.log10(profile + 1e-12), dtype=np.float64)
+    return result
 
 
 def spectrum_distance(real: np.ndarray, synthetic: np.ndarray) -> float:
@@ -77,7 +78,8 @@ def spectrum_distance(real: np.ndarray, synthetic: np.ndarray) -> float:
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     sq = (a64**2).sum(1)[:, None] + (b64**2).sum(1)[None, :] - 2.0 * a64 @ b64.T
-    return np.sqrt(np.maximum(sq, 0.0))
+    result: np.ndarray = np.sqrt(np.maximum(sq, 0.0))
+    return result
 
 
 def precision_recall(

@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn
 
 from node.config import NodePaths
 from node.errors import TrainingError
@@ -63,9 +62,9 @@ class Generator:
         self.train_split_digest: str = str(state["train_split_digest"])
         self.scale_factor = float(state["scale_factor"])
         self.steps_trained = int(state["step"])
-        self.autoencoder: nn.Module = build_autoencoder(self.config)
+        self.autoencoder: Any = build_autoencoder(self.config)
         self.autoencoder.load_state_dict(state["ae_ema"]["weights"])
-        self.unet: nn.Module = build_unet(self.config, len(self.classes))
+        self.unet: Any = build_unet(self.config, len(self.classes))
         self.unet.load_state_dict(state["unet_ema"]["weights"])
         for model in (self.autoencoder, self.unet):
             model.to(device).eval()
@@ -142,7 +141,7 @@ class Generator:
                              "label")
         return self.classes.index(label)
 
-    def _predict(self, z: torch.Tensor, t: torch.Tensor, cls: int | None) -> torch.Tensor:
+    def _predict(self, z: torch.Tensor, t: torch.Tensor, cls: int | None) -> Any:
         timesteps = t.expand(z.shape[0]).to(self.device)
         with autocast(self.device):
             if cls is None:

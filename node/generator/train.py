@@ -155,7 +155,7 @@ class _Run:
         self.latents: torch.Tensor | None = None
         self.wall_s = 0.0
         torch.manual_seed(step_seed(cfg.seed, 101))
-        self.ae = build_autoencoder(cfg).to(device)
+        self.ae: Any = build_autoencoder(cfg).to(device)
         self.ae_ema = Ema(self.ae, cfg.ema_decay)
         self.ae_opt = torch.optim.AdamW(
             self.ae.parameters(), lr=cfg.ae_lr, weight_decay=cfg.weight_decay
@@ -163,14 +163,14 @@ class _Run:
         self.ae_sched = torch.optim.lr_scheduler.LambdaLR(
             self.ae_opt, lr_lambda_for(cfg.ae_steps, cfg.warmup_fraction)
         )
-        self.disc: nn.Module | None = None
+        self.disc: Any = None
         self.disc_opt: torch.optim.Optimizer | None = None
         if cfg.ae_adversarial_weight > 0:
             torch.manual_seed(step_seed(cfg.seed, 102))
             self.disc = build_discriminator(cfg).to(device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.ae_lr)
         torch.manual_seed(step_seed(cfg.seed, 103))
-        self.unet = build_unet(cfg, len(data.classes)).to(device)
+        self.unet: Any = build_unet(cfg, len(data.classes)).to(device)
         self.unet_ema = Ema(self.unet, cfg.ema_decay)
         self.unet_opt = torch.optim.AdamW(
             self.unet.parameters(), lr=cfg.diffusion_lr, weight_decay=cfg.weight_decay
@@ -311,7 +311,7 @@ class _Run:
     @torch.no_grad()
     def encode_latents(self) -> None:
         """Latent means of the whole train split (EMA encoder) and the scale factor 1/std."""
-        model = self.ae_ema.model.eval()
+        model: Any = self.ae_ema.model.eval()
         chunks = []
         for start in range(0, self.data.n, 64):
             x = torch.from_numpy(self.data.images[start : start + 64]).unsqueeze(1)
@@ -505,8 +505,7 @@ def train_generator(
                     record = run.autoencoder_step()
                 else:
                     record = run.diffusion_step()
-                record = {"stage": stage, "step": run.step, **record}
-                log.loss(record)
+                log.loss({"stage": stage, "step": run.step, **record})
                 run.step += 1
                 bar.update(1)
                 bar.set_postfix(stage=stage[:4], loss=f"{record['loss']:.4f}", refresh=False)
