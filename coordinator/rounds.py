@@ -267,4 +267,6 @@ def round_summary(handle: RoundHandle) -> dict[str, Any]:
         "created": state["created"],
         "sites": sites,
         "timings_s": state.get("timings_s", {}),
+        "site_timings_s": state.get("site_timings_s", {}),
+        "wire_bytes": int(state.get("wire_bytes", 0)),
     }

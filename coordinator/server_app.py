@@ -86,9 +86,20 @@ def run_round(
     def final(site: str) -> bool:
         return handle.state()["sites"][site]["state"] in ("verified", "refused")
 
-    while active and time.monotonic() < deadline:
+    seen = set(nodes)
+    while time.monotonic() < deadline:
         if all(final(s) for s in asked):
             break
+        for node in grid.get_node_ids():  # a site whose SuperNode connects late joins here
+            if node not in seen:
+                seen.add(node)
+                active.add(node)
+        if not active:
+            unheard = [s for s in asked if not final(s) and s not in node_site.values()]
+            if not unheard:
+                break  # every asked site has answered for good; nobody left to wait for
+            time.sleep(max(poll_interval_s, 0.5))
+            continue
         messages = [
             Message(RecordDict({"synthfed": ConfigRecord({"request": request})}),
                     dst_node_id=node, message_type="query.round", group_id=round_id)

@@ -68,6 +68,14 @@ def simulate_round(
         for key in auto_approve_keys:
             if not Path(key).is_file():
                 raise UsageError("reviewer key file not found", str(key))
+        from coordinator.home import load_coordinator_policy
+
+        if not getattr(load_coordinator_policy(paths), "allow_demo_auto_approved", False):
+            # Fail before any site spends minutes generating bundles we would refuse.
+            raise UsageError(
+                "the coordinator policy refuses demo-approved bundles; set "
+                "allow_demo_auto_approved in a demo coordinator's policy (policy set FILE)",
+                str(paths.policy))
     if round_id is None:
         size = image_size or load_node_config(node_paths[0]).store.image_size
         handle = open_round(paths, modality, size, count, sites)

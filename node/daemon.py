@@ -224,9 +224,15 @@ def _advance(
                                          record.round_id, record.nonce,
                                          demo_auto_approved=auto_approve_key is not None)
             except Exception as exc:  # recorded as the round's failure reason, and audited
-                reason = exc.what if isinstance(exc, SynthfedError) else (
+                # Only an expected error's one-line reason leaves the node; anything else is
+                # named by its type and kept in the local audit log.
+                local = exc.what if isinstance(exc, SynthfedError) else (
                     f"{type(exc).__name__}: {exc}")
-                _transition(paths, record, "failed", f"generation failed: {reason}")
+                append_audit(paths.audit, "round_generation_error",
+                             {"round": record.round_id, "error": local[:2000]})
+                shared = local if isinstance(exc, SynthfedError) else (
+                    f"{type(exc).__name__} (details in the site's audit log)")
+                _transition(paths, record, "failed", f"generation failed: {shared[:300]}")
                 return _reply(site_key, config.site, request, "failed", record.reason)
             timings["generate"] = time.perf_counter() - t0
             _transition(paths, record, "awaiting_approval", bundle_id=Path(bundle_dir).name,
@@ -254,10 +260,11 @@ def _advance(
                           "waiting for the reviewer: synthfed-node approve", timings=timings)
 
     if record.state in ("approved", "sent"):
-        folder = "approved" if record.state == "approved" else "sent"
-        bundle_dir = paths.outbox / folder / record.bundle_id
-        if record.state == "approved" and not bundle_dir.is_dir():
-            bundle_dir = paths.outbox / "sent" / record.bundle_id
+        approved = paths.outbox / "approved" / record.bundle_id
+        bundle_dir = approved if approved.is_dir() else paths.outbox / "sent" / record.bundle_id
+        if not bundle_dir.is_dir():
+            _transition(paths, record, "failed", "the approved bundle left the outbox")
+            return _reply(site_key, config.site, request, "failed", record.reason)
         t0 = time.perf_counter()
         try:
             data, digest = _checked_pack(paths, config, record, bundle_dir)
@@ -265,8 +272,9 @@ def _advance(
             _transition(paths, record, "failed", f"own bundle failed verification: {exc.what}")
             return _reply(site_key, config.site, request, "failed", record.reason)
         timings["pack"] = time.perf_counter() - t0
-        if bundle_dir.parent.name == "approved":
-            _move_to_sent(paths, bundle_dir)
+        if bundle_dir == approved:
+            _move_to_sent(paths, approved)
+        if record.state != "sent":
             _transition(paths, record, "sent", bundle_sha256=digest)
         append_audit(paths.audit, "round_bundle_replied", {
             "round": record.round_id, "bundle_id": record.bundle_id, "bundle_sha256": digest,

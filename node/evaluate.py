@@ -5,9 +5,10 @@ degradation config and the given seed), restores them with the shared network, a
 per-image PSNR / SSIM / RMSE in physical units (HU window stated for CT) and their means.
 
 What this module must never do: return or write an image, a slice identifier or anything per
-patient. The reply is flat: scalars, short strings (site, task, units, digests), the degradation config
-and 1-D lists of per-image metric values (``psnr_db``, ``ssim``, ``rmse``, and ``input_*`` for the
-degraded input itself), with their means (``mean_*``, ``input_mean_*``) (in the store's stable slice order, so two models pair image by image);
+patient. The reply is flat: scalars, short strings (site, task, units, digests), the degradation
+config and 1-D lists of per-image metric values (``psnr_db``, ``ssim``, ``rmse``, and ``input_*``
+for the degraded input itself) with their means (``mean_*``, ``input_mean_*``); lists are in the
+store's stable slice order, so two models pair image by image;
 :func:`check_reply_is_numbers_only` enforces that before the reply is handed to any transport.
 Holdout slices are read here and nowhere in generator training (invariant 3); they never leave.
 """

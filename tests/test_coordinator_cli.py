@@ -164,3 +164,17 @@ def test_node_run_builds_a_tls_supernode_command(node_home: Path, tmp_path: Path
         except SystemExit as exc:
             assert exc.code == 2
     assert "TLS needs --root-certificates" in err.getvalue()
+
+
+def test_simulate_with_the_demo_switch_needs_a_demo_policy(tmp_path: Path, node_home: Path
+                                                           ) -> None:
+    home = tmp_path / "c"
+    _json("init", "--home", str(home))
+    key = tmp_path / "reviewer.ed25519"
+    from protocols.keys import write_keypair
+
+    write_keypair(generate_keypair(), key, tmp_path / "reviewer.pub")
+    code, _, err = _run("simulate", "--site", str(node_home), "--modality", "CT", "--count", "2",
+                        "--auto-approve-with", str(key), "--home", str(home))
+    assert code == 2
+    assert "error: the coordinator policy refuses demo-approved bundles" in err

@@ -219,3 +219,26 @@ def test_sixteen_bit_png_folder_is_normalised_to_unit_range(node_home: Path,
             store.images("holdout"))
         assert pixels.min() >= 0.0 and pixels.max() <= 1.0 and pixels.max() > 0.9
         assert all(r.scale > 255 for r in records)  # 16-bit range kept in the mapping
+
+
+def test_patient_merge_joins_ids_differing_by_a_trailing_letter(node_home: Path,
+                                                                tmp_path: Path) -> None:
+    folder = tmp_path / "set"
+    for n in range(4):
+        _png(folder / "glioma" / f"{n}.png", (_blob() + n).astype(np.uint8))
+    rows = ["file,patient_id,label", "glioma/0.png,MR040240,glioma",
+            "glioma/1.png,MR040240B,glioma", "glioma/2.png,MR040240C,glioma",
+            "glioma/3.png,100360,glioma"]
+    (folder / "patients.csv").write_text("\n".join(rows) + "\n")
+    rule = f"csv:{folder / 'patients.csv'}"
+    separate = _ingest(node_home, [folder], modality="MR", patient_rule=rule)
+    assert separate.patients == 4
+    merged_home = tmp_path / "merged"
+    from node.home import init_home
+
+    init_home(merged_home, "m")
+    merged = _ingest(merged_home, [folder], modality="MR", patient_rule=rule,
+                     patient_merge=r"^(MR\d+)[A-Z]$")
+    assert merged.patients == 2
+    with pytest.raises(IngestError, match="needs a group"):
+        _ingest(merged_home, [folder], modality="MR", patient_rule=rule, patient_merge="MR")

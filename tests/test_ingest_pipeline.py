@@ -158,7 +158,7 @@ def test_one_patient_site_splits_by_slabs_and_says_so(node_home: Path, tmp_path:
     _site(tmp_path / "src", patients=1, slices=10)
     summary = _ingest(node_home, [tmp_path / "src"])
     assert summary.split["method"] == "slabs (single patient)"
-    assert "split (by slabs (single patient))" in summary.human()
+    assert "split by slabs (single patient): train 1 patient(s) / 8 slices" in summary.human()
     with Store(node_home / "store") as store:
         holdout = sorted(r.position for r in store.records("holdout"))
         train = sorted(r.position for r in store.records("train"))
@@ -214,6 +214,53 @@ def test_killed_ingest_then_rerun_equals_an_uninterrupted_one(
     assert (rerun.slices_added, rerun.already_stored) == (14, 10)
     assert _state(killed) == _state(clean) and len(_state(clean)) == 24
     assert not (killed / "store" / "shards" / "0123456789abcdef01234567.npy").exists()
+
+
+_KILLER = """
+import os, signal, sys
+import node.ingest.pipeline as pipeline
+import node.store as store
+pipeline.BATCH_SLICES = 5
+real_write = store.atomic_write_bytes
+calls = [0]
+def write_then_die(path, data, *args, **kwargs):
+    real_write(path, data, *args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 2:  # the second shard is on disk, its rows are not committed
+        os.kill(os.getpid(), signal.SIGKILL)
+store.atomic_write_bytes = write_then_die
+from protocols.cli_support import run_app
+from node.cli import app
+run_app(app, sys.argv[1:])
+"""
+
+
+def test_sigkilled_ingest_process_then_rerun_equals_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    _site(tmp_path / "src", patients=4, slices=4)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    init_home(clean, "s")
+    shutil.copytree(clean, killed)
+    monkeypatch.setattr(pipeline, "BATCH_SLICES", 5)
+    _ingest(clean, [tmp_path / "src"])
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLER, "ingest", str(tmp_path / "src"), "--home", str(killed),
+         "--no-progress"], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr
+    shards = list((killed / "store" / "shards").iterdir())
+    with Store(killed / "store") as store:
+        assert store.count() == 5 and len(shards) == 2  # one committed batch, one orphan
+    rerun = _ingest(killed, [tmp_path / "src"])
+    assert (rerun.slices_added, rerun.already_stored) == (11, 5)
+    assert _state(killed) == _state(clean) and len(_state(clean)) == 16
+    with Store(killed / "store") as store:
+        used = {r.shard for r in store.records()}
+    assert {p.name for p in (killed / "store" / "shards").iterdir()} == used
 
 
 def test_sources_are_never_modified(node_home: Path, tmp_path: Path) -> None:
@@ -276,6 +323,16 @@ def test_missing_and_empty_sources_are_usage_errors(node_home: Path, tmp_path: P
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(IngestError, match="source folder holds no files"):
         _ingest(node_home, [tmp_path / "empty"])
+
+
+def test_named_file_without_read_permission_is_a_usage_error(
+    node_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _site(tmp_path / "src", patients=1, slices=1)
+    files[0].chmod(0o000)  # root may still read it, so the permission check is simulated
+    monkeypatch.setattr(pipeline.os, "access", lambda path, mode: False)
+    with pytest.raises(IngestError, match=r"source file cannot be read \(permission denied\)"):
+        _ingest(node_home, [files[0]])
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -378,3 +435,32 @@ def test_shared_brain_tumor_jpegs_with_patients_csv(shared_data: Path, tmp_path:
     assert summary.patients == len(expected_patients) and summary.skipped == {}
     with Store(home / "store") as store:
         assert {r.label for r in store.records()} == {"meningioma"}
+
+
+# ---- the repository's demo data (no ../shared needed) ----------------------------------------
+
+
+def test_demo_sites_ingest_as_documented(tmp_path: Path) -> None:
+    from node.demo import CT_SITES, DEMO_DATA, MR_SITES, main
+
+    total = sum(p.stat().st_size for p in DEMO_DATA.rglob("*") if p.is_file())
+    assert total < 12_000_000
+    assert (DEMO_DATA / "ATTRIBUTION").is_file()
+    assert main(["--workdir", str(tmp_path / "demo")]) == 0
+    expected = {"site-a": (6, 3, "patients"), "site-b": (6, 6, "patients"),
+                "site-c": (6, 1, "slabs (single patient)"), "site-mr": (51, 6, "patients")}
+    for site in (*CT_SITES, *MR_SITES):
+        with Store(tmp_path / "demo" / site.name / "store") as store:
+            summary = store.summary()
+            method = store.db.execute(
+                "SELECT value FROM meta WHERE key = 'split_method'").fetchone()[0]
+            holdout = store.count("holdout")
+        assert (summary["slices"], summary["patients"], method) == expected[site.name]
+        assert holdout >= 1
+    # A second run wipes and re-creates the work folder; a foreign folder is refused.
+    assert main(["--workdir", str(tmp_path / "demo"), "--until", "init"]) == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    with pytest.raises(SystemExit, match="not a demo folder"):
+        main(["--workdir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "thesis.tex").exists()

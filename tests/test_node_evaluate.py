@@ -166,3 +166,51 @@ def test_cli_evaluate_json(ct_site) -> None:
     assert reply["n_images"] == 3 and len(reply["ssim"]) == 3
     human = CliRunner().invoke(app, ["evaluate", str(model), "--home", str(paths.root)])
     assert "holdout slices" in human.stdout and "degraded input" in human.stdout
+
+
+def coordinator_with_round(tmp_path: Path, round_id: str = "R1") -> Path:
+    from coordinator.home import init_coordinator_home
+
+    paths = init_coordinator_home(tmp_path / "coordinator")
+    (paths.rounds / round_id).mkdir(parents=True, exist_ok=True)
+    return paths.root
+
+
+def test_flower_evaluate_message_reply_holds_numbers_only(tmp_path: Path) -> None:
+    from coordinator.restore.site_eval import evaluate_locally, evaluate_over_flower
+
+    homes = [make_site_home(tmp_path, f"site-{c}", "CT", patients=4, slices_per_patient=2,
+                            seed=i) for i, c in enumerate("ab")]
+    blob = tiny_model(tmp_path, "denoise", "CT").read_bytes()
+    replies, errors = evaluate_over_flower(homes, blob, "denoise")
+    assert errors == [] and len(replies) == 2
+    local = evaluate_locally(homes, blob, "denoise")
+    for numbers in replies.values():
+        n = int(numbers["n_images"])
+        for key, value in numbers.items():
+            assert isinstance(value, float | int) or (
+                isinstance(value, list) and len(value) <= max(n, 2)
+                and all(isinstance(v, float) for v in value)), key
+    # the numbers that crossed Flower are the site's own contract-E numbers
+    assert sorted(r["psnr_db"] for r in replies.values()) == sorted(
+        r["psnr_db"] for r in local.values())
+
+
+def test_coordinator_evaluate_local_is_labelled_and_recorded(tmp_path: Path) -> None:
+    from coordinator.cli import app
+
+    home = make_site_home(tmp_path, "site-a", "CT", patients=4, slices_per_patient=2)
+    model = tiny_model(tmp_path, "denoise", "CT")
+    coordinator = coordinator_with_round(tmp_path)
+    result = CliRunner().invoke(app, [
+        "evaluate", str(model), "--round", "R1", "--site", str(home), "--transport", "local",
+        "--home", str(coordinator), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["transport"].startswith("LOCAL")
+    assert summary["sites"]["site-a"]["n_images"] == 2
+    assert Path(summary["written"]).is_file()
+    missing = CliRunner().invoke(app, [
+        "evaluate", str(model), "--round", "NOPE", "--site", str(home), "--home",
+        str(coordinator)])
+    assert missing.exit_code != 0 and "no such round" in str(missing.exception)

@@ -188,3 +188,32 @@ def test_torchrun_ddp_trains_with_rank_zero_writing(tmp_path: Path) -> None:
     assert "model_digest" in summaries["0"] and "model_digest" not in summaries["1"]
     net, info = load_model(tmp_path / "out" / "model.pt")
     assert info["net"] == "srcnn"
+
+
+def test_coordinator_train_uses_the_pool_only_and_resumes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app
+    from coordinator.home import init_coordinator_home
+    from coordinator.pool import write_pool
+
+    paths = init_coordinator_home(tmp_path / "coordinator")
+    images = ct_images(6, 16)
+    write_pool(paths.pools / "R1", "R1", [(
+        {"site": "site-a", "bundle_digest": "ab" * 32, "modality": "CT", "unit": "HU"}, images)])
+    args = ["train", "--pool", "R1", "--task", "denoise", "--preset", "tiny",
+            "--home", str(paths.root), "--json"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert summary["n_images"] == 6 and summary["modality"] == "CT" and summary["round"] == "R1"
+    _, info = load_model(Path(summary["model"]))
+    assert info["data"]["source"] == "pool" and info["data"]["bundles"] == ["ab" * 32]
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "pass --resume or --overwrite" in str(again.exception)
+    resumed = CliRunner().invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["resumed_from"] == 12
+    mr = CliRunner().invoke(app, ["train", "--pool", "R1", "--task", "sr", "--net", "unet",
+                                  "--home", str(paths.root)])
+    assert mr.exit_code != 0 and "unknown network" in str(mr.exception)

@@ -256,3 +256,67 @@ def test_node_daemon_killed_while_generating(tmp_path: Path, after_export: bool)
     result = receive_bundle_bytes(coord, sent.bundle, round_id=handle.round_id,
                                   claimed_site="site-a")
     assert result.accepted, result.reason
+
+
+def test_node_daemon_killed_between_sending_and_recording_sends_the_same_bundle(
+    tmp_path: Path,
+) -> None:
+    from node.daemon import _move_to_sent
+    from node.rounds import save_node_round
+
+    coord = make_coordinator(tmp_path)
+    a = make_site(tmp_path, "site-a", coord)
+    handle = open_round(coord, "CT", 64, 2)
+    first = handle_round_request(a.paths, handle.request_bytes(), generate_fn=fake_generate)
+    approved = approve_pending(a, handle.round_id)
+    record = load_node_round(a.paths, handle.round_id)
+    assert record is not None
+    record.state = "approved"
+    save_node_round(a.paths, record)
+    _move_to_sent(a.paths, approved)  # the kill came after the move, before the state write
+    answer = handle_round_request(a.paths, handle.request_bytes(), generate_fn=fake_generate)
+    assert first.reply.state == "awaiting_approval"
+    assert answer.reply.state == "bundle"
+    record = load_node_round(a.paths, handle.round_id)
+    assert record is not None and record.state == "sent"
+    assert receive_bundle_bytes(coord, answer.bundle, round_id=handle.round_id,
+                                claimed_site="site-a").accepted
+
+
+def test_site_without_a_trained_generator_fails_and_the_round_records_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node.errors import TrainingError
+
+    def no_generator(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise TrainingError("no trained generator in this home; run synthfed-node train")
+
+    monkeypatch.setattr(node.daemon, "_default_generate", no_generator)
+    coord = make_coordinator(tmp_path)
+    a = make_site(tmp_path, "site-a", coord)
+    grid = LoopbackGrid([a.paths.root])
+    handle = open_round(coord, "CT", 64, 2)
+    run_round(grid, coord, handle.round_id, round_timeout_s=10.0, **FAST)
+    assert _states(coord, handle.round_id)["site-a"] == (
+        "dropped",
+        "site failed: generation failed: no trained generator in this home; "
+        "run synthfed-node train")
+    assert "round_generation_error" in _events(a.paths.audit)
+
+
+def test_site_whose_node_connects_late_still_delivers(tmp_path: Path) -> None:
+    coord = make_coordinator(tmp_path, allow_demo=True)
+    a, b = (make_site(tmp_path, n, coord) for n in ("site-a", "site-b"))
+    grid = LoopbackGrid([a.paths.root, b.paths.root])
+    node_a, node_b = grid.node_of(a.paths.root), grid.node_of(b.paths.root)
+    grid.auto_approve = {node_a: a.reviewer, node_b: b.reviewer}
+    late = grid.homes.pop(node_b)
+
+    def connect_b_after_first_poll(node, reply):  # type: ignore[no-untyped-def]
+        grid.homes[node_b] = late
+
+    grid.tamper = connect_b_after_first_poll
+    handle = open_round(coord, "CT", 64, 2)
+    outcome = run_round(grid, coord, handle.round_id, round_timeout_s=20.0, **FAST)
+    assert {s: e["state"] for s, e in outcome.sites.items()} == {
+        "site-a": "verified", "site-b": "verified"}

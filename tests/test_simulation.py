@@ -84,33 +84,71 @@ def _ct_sources() -> list[Path]:
     return []
 
 
+def _clone_site(source: Path, dest: Path, name: str) -> Path:
+    """A second site with the same store and generator but its own identity (site key, name).
+
+    Training a tiny generator takes minutes on a shared 2-core machine; the round under test
+    does not care whether two sites learnt the same images, only that each signs as itself.
+    """
+    import shutil
+
+    import yaml
+
+    from protocols.audit import append_audit
+    from protocols.keys import generate_keypair, write_keypair
+
+    shutil.copytree(source, dest)
+    keys = dest / "keys"
+    (keys / "site.ed25519").unlink()
+    (keys / "site.pub").unlink()
+    key = generate_keypair()
+    write_keypair(key, keys / "site.ed25519", keys / "site.pub")
+    data = yaml.safe_load((dest / "node.yaml").read_text())
+    data["site"] = name
+    (dest / "node.yaml").write_text(yaml.safe_dump(data))
+    append_audit(dest / "audit.jsonl", "key_created", {"role": "site", "keyid": key.public.keyid})
+    return dest
+
+
 @pytest.fixture(scope="session")
 def trained_sites(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """Three node homes with ingested CT and a tiny generator each (trained once)."""
+    """Three node homes with ingested CT and a tiny generator (trained once per session).
+
+    With SYNTHFED_TEST_TRAIN_EVERY_SITE=1 each site ingests its own collection and trains its
+    own generator; by default one site trains and two clones get their own identities.
+    """
     for module, why in (("node.guard.run", "the guard's generate (contract B)"),
                         ("node.generator.sampling", "the generator (contract A)"),
                         ("node.ingest.pipeline", "ingest")):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not written yet: {why} is needed for a full round")
+    import yaml
+
     from node.config import load_node_config
     from node.generator.train import train_generator
     from node.home import init_home
     from node.ingest.pipeline import ingest_sources
 
     root = tmp_path_factory.mktemp("sites")
+    every = os.environ.get("SYNTHFED_TEST_TRAIN_EVERY_SITE") == "1"
+    sources = _ct_sources()
     homes, timings = [], {}
-    for i, source in enumerate(_ct_sources()):
-        name = f"site-{'abc'[i]}"
+    for i, name in enumerate(("site-a", "site-b", "site-c")):
+        if i > 0 and not every:
+            homes.append(_clone_site(homes[0], root / name, name))
+            continue
         paths = init_home(root / name, name)
         set_node_policy(paths, modalities_offered=["CT"])
-        data = __import__("yaml").safe_load(paths.config.read_text())
+        data = yaml.safe_load(paths.config.read_text())
         data["generator"]["preset"] = "tiny"
-        paths.config.write_text(__import__("yaml").safe_dump(data))
+        paths.config.write_text(yaml.safe_dump(data))
         config = load_node_config(paths)
-        ingest_sources(paths, config, [source], progress=False)
+        t0 = time.perf_counter()
+        ingest_sources(paths, config, [sources[i]], progress=False)
+        timings[f"{name}-ingest"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         train_generator(paths, config, preset="tiny", progress=False, quality=False)
-        timings[name] = time.perf_counter() - t0
+        timings[f"{name}-train"] = time.perf_counter() - t0
         homes.append(paths.root)
     return root, homes, timings
 

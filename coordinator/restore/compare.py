@@ -78,6 +78,7 @@ class FedAvgConfig:
 
 @dataclass
 class CompareConfig:
+    description: str = setting("", "free text at the top of the report (how sites were formed)")
     task: Literal["denoise", "sr"] = setting("denoise", "denoise (CT low dose) or sr")
     modality: str = setting("CT", "modality of the slices used at every site")
     net: str = setting("", "network name; empty = redcnn (denoise) / edsr (sr)")
@@ -135,7 +136,7 @@ class SiteData:
     unit: str
 
 
-SyntheticSource = Callable[[SiteData, int], tuple[np.ndarray, dict[str, Any]]]
+SyntheticSource = Callable[[SiteData, int, int], tuple[np.ndarray, dict[str, Any]]]
 
 
 def _say(progress: bool, text: str) -> None:
@@ -170,7 +171,9 @@ def _load_site(site: SiteConfig, modality: str) -> SiteData:
     )
 
 
-def guarded_synthetic_source(site: SiteData, count: int, seed: int) -> tuple[np.ndarray, dict]:
+def guarded_synthetic_source(
+    site: SiteData, count: int, seed: int
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Arm S at one site: guard-accepted synthetic images from the site's own generator."""
     from node.guard.run import generate_and_screen
 
@@ -382,10 +385,10 @@ def run_comparison(
         table[arm] = {"sites": {}, "overall": {}}
         for m in metrics:
             pooled_values: list[float] = []
-            for s in names:
-                if s in by_site:
-                    table[arm]["sites"].setdefault(s, {})[m] = describe(by_site[s][m])
-                    pooled_values.extend(by_site[s][m])
+            for name in names:
+                if name in by_site:
+                    table[arm]["sites"].setdefault(name, {})[m] = describe(by_site[name][m])
+                    pooled_values.extend(by_site[name][m])
             table[arm]["overall"][m] = describe(pooled_values)
     tests: dict[str, Any] = {}
     for a, b in COMPARISONS:
@@ -395,12 +398,13 @@ def run_comparison(
         tests[key] = {}
         for m in metrics:
             margin = config.margins.get(m)
-            av = [v for s in names for v in per_image[a].get(s, {}).get(m, [])]
-            bv = [v for s in names for v in per_image[b].get(s, {}).get(m, [])]
+            av = [v for name in names for v in per_image[a].get(name, {}).get(m, [])]
+            bv = [v for name in names for v in per_image[b].get(name, {}).get(m, [])]
             entry = {"overall": paired_comparison(av, bv, margin)}
-            for s in names:
-                if s in per_image[a] and s in per_image[b]:
-                    entry[s] = paired_comparison(per_image[a][s][m], per_image[b][s][m], margin)
+            for name in names:
+                if name in per_image[a] and name in per_image[b]:
+                    entry[name] = paired_comparison(
+                        per_image[a][name][m], per_image[b][name][m], margin)
             tests[key][m] = entry
 
     # ---- example slices (simulation only, local report) ----------------------------------

@@ -144,14 +144,16 @@ def simulate_low_dose_ct(
     theta = np.linspace(0.0, 180.0, config.n_angles, endpoint=False)
     mu = hu_to_mu(image, config.mu_water_per_mm)
     # circle=False: the whole square is projected (CT slices have content in the corners).
-    line_integrals = radon(mu, theta=theta, circle=False) * pixel_mm
+    line_integrals = radon(mu, theta=theta, circle=False) * pixel_mm  # type: ignore[no-untyped-call]
     expected = config.photons_per_ray * np.exp(-line_integrals)
     counts = rng.poisson(expected).astype(np.float64)
     # A ray with zero detected photons has an infinite line integral; clamp at one photon, as
     # scanners do with their lowest-signal correction.
     counts = np.maximum(counts, 1.0)
     noisy = np.log(config.photons_per_ray / counts) / pixel_mm
-    recon = iradon(noisy, theta=theta, output_size=size, circle=False, filter_name="ramp")
+    recon = iradon(  # type: ignore[no-untyped-call]
+        noisy, theta=theta, output_size=size, circle=False, filter_name="ramp"
+    )
     return mu_to_hu(recon, config.mu_water_per_mm).astype(np.float32)
 
 
@@ -165,7 +167,7 @@ def decimate(image: np.ndarray, factor: int, anti_alias: bool = True) -> np.ndar
     h, w = image.shape
     if h % factor or w % factor:
         raise ValueError(f"image shape {image.shape} is not divisible by factor {factor}")
-    low = resize(
+    low = resize(  # type: ignore[no-untyped-call]
         image, (h // factor, w // factor), order=1, mode="reflect",
         anti_aliasing=anti_alias, preserve_range=True,
     )
@@ -176,7 +178,7 @@ def upsample_cubic(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Cubic (order 3 spline) interpolation back to ``shape``."""
     from skimage.transform import resize
 
-    up = resize(
+    up = resize(  # type: ignore[no-untyped-call]
         np.asarray(image, dtype=np.float64), shape, order=3, mode="reflect",
         anti_aliasing=False, preserve_range=True,
     )

@@ -18,7 +18,6 @@ is used by a real deployment, where each site's data stay in its own node.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["plan_rounds", "train_fedavg", "client_app"]
+__all__ = ["plan_rounds", "train_fedavg"]
 
 
 def plan_rounds(

@@ -87,7 +87,8 @@ def rmse(
 ) -> np.ndarray:
     """Per-image root-mean-square error, in the images' unit; shape [N]."""
     a, b = _pair(test, reference, clip)
-    return np.sqrt(np.mean((a - b) ** 2, axis=(1, 2)))
+    out: np.ndarray = np.sqrt(np.mean((a - b) ** 2, axis=(1, 2)))
+    return out
 
 
 def psnr(
@@ -101,7 +102,8 @@ def psnr(
     mse = np.mean((a - b) ** 2, axis=(1, 2))
     ranges = _ranges(data_range, a.shape[0])[:, 0, 0]
     with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(ranges**2 / mse)
+        out: np.ndarray = 10.0 * np.log10(ranges**2 / mse)
+    return out
 
 
 def ssim(
@@ -136,7 +138,8 @@ def ssim(
     c2 = (k2 * ranges) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     pad = (win_size - 1) // 2
-    return s[:, pad:-pad, pad:-pad].mean(axis=(1, 2))
+    out: np.ndarray = s[:, pad:-pad, pad:-pad].mean(axis=(1, 2))
+    return out
 
 
 def image_metrics(

@@ -88,7 +88,8 @@ class REDCNN(nn.Module):
                 if j > 0 and j % 2 == 0:
                     h = h + skips.pop()
                 h = self.relu(h)
-        return self.relu(h + x)
+        out: torch.Tensor = self.relu(h + x)
+        return out
 
 
 class DnCNN(nn.Module):
@@ -120,7 +121,8 @@ class DnCNN(nn.Module):
         return dict(self._config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.body(x)
+        out: torch.Tensor = x - self.body(x)
+        return out
 
 
 class SRCNN(nn.Module):
@@ -161,7 +163,8 @@ class SRCNN(nn.Module):
         return {k: list(v) if isinstance(v, list) else v for k, v in self._config.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        out: torch.Tensor = self.body(x)
+        return out
 
 
 class _ResBlock(nn.Module):
@@ -173,7 +176,8 @@ class _ResBlock(nn.Module):
         self.res_scale = res_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.res_scale * self.conv2(self.relu(self.conv1(x)))
+        out: torch.Tensor = x + self.res_scale * self.conv2(self.relu(self.conv1(x)))
+        return out
 
 
 class EDSR(nn.Module):
@@ -197,7 +201,9 @@ class EDSR(nn.Module):
             "num_blocks": num_blocks, "res_scale": float(res_scale),
         }
         self.head = nn.Conv2d(in_channels, features, 3, padding=1)
-        self.body = nn.Sequential(*[_ResBlock(features, float(res_scale)) for _ in range(num_blocks)])
+        self.body = nn.Sequential(
+            *[_ResBlock(features, float(res_scale)) for _ in range(num_blocks)]
+        )
         self.body_tail = nn.Conv2d(features, features, 3, padding=1)
         self.tail = nn.Conv2d(features, in_channels, 3, padding=1)
 
@@ -208,7 +214,8 @@ class EDSR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.head(x)
         h = h + self.body_tail(self.body(h))
-        return x + self.tail(h)
+        out: torch.Tensor = x + self.tail(h)
+        return out
 
 
 NETWORKS: dict[str, type[nn.Module]] = {

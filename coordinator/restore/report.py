@@ -80,6 +80,7 @@ def markdown_report(results: dict[str, Any], figures: dict[str, str]) -> str:
         "",
         "## Sites and split",
         "",
+        *([cfg["description"], ""] if cfg.get("description") else []),
         "Each site's own patient-level train / holdout split (its node store; a one-patient site "
         "splits by contiguous slabs). Training uses train slices only; every number below is "
         "measured on holdout slices at the site that owns them.",
@@ -109,7 +110,7 @@ def markdown_report(results: dict[str, Any], figures: dict[str, str]) -> str:
         if arm == "L":
             text += ": one model per site, each evaluated on its own site's holdout"
         lines.append(f"- {text}")
-    ev = next(iter(results["evaluation"].values()), {})
+    ev: dict[str, Any] = next(iter(results["evaluation"].values()), {})
     lines += [
         "",
         "## Scoring",

@@ -60,8 +60,9 @@ def evaluate_over_flower(
     *,
     timeout_s: float = 900.0,
     chunk_bytes: int = 1 << 20,
-) -> dict[str, dict[str, Any]]:
-    """{label: reply numbers} from every SuperNode, in Flower's simulation engine.
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """({label: reply numbers} from every SuperNode, node errors), in Flower's simulation
+    engine.
 
     The node's evaluate handler decides what it returns (numbers only); the label is the site
     name when the reply carries one, else ``node-<id>``.
@@ -103,9 +104,9 @@ def evaluate_over_flower(
             for record in reply.content.metric_records.values():
                 numbers.update({k: v for k, v in record.items()})
             site = None
-            for record in reply.content.config_records.values():
-                if "site" in record:
-                    site = str(record["site"])
+            for config in reply.content.config_records.values():
+                if "site" in config:
+                    site = str(config["site"])
             outcome["replies"][site or f"node-{node}"] = numbers
 
     previous = os.environ.get(SIM_HOMES_ENV)
@@ -129,6 +130,4 @@ def evaluate_over_flower(
         missing = [m for m in METRICS if m not in numbers]
         if missing:
             raise OperationError(f"evaluation reply of {label} lacks {missing}")
-    if outcome["errors"]:
-        replies["_errors"] = {"errors": outcome["errors"]}
-    return replies
+    return replies, list(outcome["errors"])

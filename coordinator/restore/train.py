@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -350,8 +350,8 @@ def _batches(
     """(step, indices) from ``start_step`` on; the order depends on (seed, step) only."""
     from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(
-        range(n), num_replicas=dist_info.world, rank=dist_info.rank,
+    sampler: DistributedSampler[int] = DistributedSampler(
+        cast(Any, range(n)), num_replicas=dist_info.world, rank=dist_info.rank,
         shuffle=True, seed=settings.seed, drop_last=False,
     )
     per_epoch = max(1, math.ceil(len(sampler) / settings.batch_size))
@@ -467,7 +467,7 @@ def train_network(
                 x, y = x.to(dist_info.device), y.to(dist_info.device)
                 optimiser.zero_grad(set_to_none=True)
                 loss = torch.nn.functional.mse_loss(model(x), y)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimiser.step()
                 value = float(loss.detach())
                 if not math.isfinite(value):

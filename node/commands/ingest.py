@@ -41,6 +41,12 @@ def register(app: typer.Typer) -> None:
             typer.Option("--label-column", help="CSV column stored as the slice label"
                          " (default: 'label' when present)"),
         ] = None,
+        patient_merge: Annotated[
+            str | None,
+            typer.Option("--patient-merge", help="regex with a group: a PNG / JPEG / NIfTI"
+                         " patient id matching it in full is replaced by the group (merges"
+                         " ids that may be one person, e.g. '^(MR\\d+)[A-Z]$')"),
+        ] = None,
         no_progress: Annotated[
             bool, typer.Option("--no-progress", help="no progress bar on stderr")
         ] = False,
@@ -53,6 +59,7 @@ def register(app: typer.Typer) -> None:
         config = load_node_config(paths)
         summary = ingest_sources(
             paths, config, sources, plane=plane, modality=modality,
-            patient_rule=patient_rule, label_column=label_column, progress=not no_progress,
+            patient_rule=patient_rule, label_column=label_column, patient_merge=patient_merge,
+            progress=not no_progress,
         )
         emit(json_out, summary.to_dict(), summary.human())

@@ -123,7 +123,7 @@ class DicomObject:
 
     def values(self, index: int) -> np.ndarray:
         """Frame ``index`` in physical units, float32 [H, W]."""
-        from pydicom.pixels import apply_rescale
+        from pydicom.pixels.processing import apply_rescale
 
         stored = self.stored_values()[index]
         frame = self.frames[index]
@@ -422,7 +422,7 @@ def _decode(ds: Any, n_frames: int) -> np.ndarray:
 
 def _air_for_padding(hu: np.ndarray, stored: np.ndarray, ds: Any) -> np.ndarray:
     """Padding (PixelPaddingValue [..RangeLimit], stored values) and sub-air values -> air."""
-    out = np.maximum(hu, np.float32(AIR_HU))
+    out: np.ndarray = np.maximum(hu, np.float32(AIR_HU))
     pad = ds.get("PixelPaddingValue")
     if isinstance(pad, int | float):
         limit = ds.get("PixelPaddingRangeLimit")

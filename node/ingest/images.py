@@ -65,5 +65,7 @@ def _grey_or_skip(rgb: np.ndarray, fmt: str) -> np.ndarray:
     if spread > tolerance:
         raise Skipped("colour image")
     if spread == 0:
-        return rgb[..., 0].astype(np.uint8)
-    return np.rint(rgb.mean(axis=-1)).astype(np.uint8)
+        first: np.ndarray = rgb[..., 0].astype(np.uint8)
+        return first
+    grey: np.ndarray = np.rint(rgb.mean(axis=-1)).astype(np.uint8)
+    return grey

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,9 +49,10 @@ def read_nifti(data: bytes, plane: str) -> list[NiftiSlice]:
                 image = nib.Nifti1Image.from_bytes(raw)
             except Exception:
                 image = nib.Nifti2Image.from_bytes(raw)
-            image = nib.as_closest_canonical(image)
+            image = nib.as_closest_canonical(image)  # type: ignore[no-untyped-call]
             volume = np.asarray(image.get_fdata(dtype=np.float32))
-            zooms = [float(z) for z in image.header.get_zooms()[:3]]
+            header: Any = image.header
+            zooms = [float(z) for z in header.get_zooms()[:3]]
             affine = np.asarray(image.affine, dtype=np.float64)
         except Exception:
             raise Skipped("corrupt or truncated") from None

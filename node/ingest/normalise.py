@@ -75,8 +75,12 @@ def _percentiles(values: np.ndarray, q: tuple[float, float] | list[float]) -> np
         # Integer images (8 / 16-bit PNG and JPEG): exact np.percentile ('linear') values from
         # a histogram, several times faster than sorting a 512 x 512 slice.
         flat = values.ravel()
-        base = int(flat.min())
-        counts = np.bincount((flat - base).astype(np.int64))
+        if values.dtype.kind == "u":
+            base = 0
+            counts = np.bincount(flat)
+        else:
+            base = int(flat.min())
+            counts = np.bincount(flat.astype(np.int64) - base)
         cumulative = np.cumsum(counts)
         n = flat.size
         out = []
@@ -91,19 +95,19 @@ def _percentiles(values: np.ndarray, q: tuple[float, float] | list[float]) -> np
     finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
     if finite.size == 0:
         return np.asarray([np.nan, np.nan])
-    return np.percentile(finite, list(q))
+    return np.asarray(np.percentile(finite, list(q)), dtype=np.float64)
 
 
 @lru_cache(maxsize=32)
 def _scaler(low: float, high: float) -> Any:
-    from monai.transforms import ScaleIntensityRange
+    from monai.transforms.intensity.array import ScaleIntensityRange
 
     return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
 
 
 @lru_cache(maxsize=64)
 def _resizer(height: int, width: int, mode: str) -> Any:
-    from monai.transforms import Resize
+    from monai.transforms.spatial.array import Resize
 
     # anti_aliasing smooths before a bilinear downsample; 'area' is already a box filter.
     return Resize(
@@ -129,8 +133,9 @@ def normalise_slice(
     if values.ndim != 2 or min(values.shape) < 1:
         raise ValueError(f"expected a 2-D slice, got shape {values.shape}")
     low, high = window
-    source = np.nan_to_num(values.astype(np.float32, copy=False), nan=low, posinf=high,
-                           neginf=low)
+    source = values.astype(np.float32, copy=False)
+    if values.dtype.kind == "f" and not np.isfinite(source).all():
+        source = np.nan_to_num(source, nan=low, posinf=high, neginf=low)
     scaled = np.asarray(_scaler(low, high)(source), dtype=np.float32)
     fraction = nonzero_fraction(scaled)
     h, w = scaled.shape

@@ -70,13 +70,37 @@ class PatientRule:
     pattern: re.Pattern[str] | None = None
     table: dict[Path, tuple[str, str | None]] | None = None
     csv_path: Path | None = None
+    merge: re.Pattern[str] | None = None  # ids matching it in full become its group 1
+
+    def merged(self, patient: str) -> str:
+        if self.merge is not None:
+            match = self.merge.fullmatch(patient)
+            if match is not None and match.group(1):
+                return match.group(1)
+        return patient
 
     def describe(self) -> str:
         return self.kind
 
 
-def parse_patient_rule(text: str, label_column: str | None = None) -> PatientRule:
-    """Parse ``--patient-rule``; a bad rule is an :class:`IngestError` (exit 2)."""
+def parse_patient_rule(
+    text: str, label_column: str | None = None, merge: str | None = None
+) -> PatientRule:
+    """Parse ``--patient-rule`` (and ``--patient-merge``); a bad one is an IngestError."""
+    rule = _parse_rule(text, label_column)
+    if merge is None:
+        return rule
+    try:
+        pattern = re.compile(merge)
+    except re.error as exc:
+        raise IngestError(f"bad merge pattern: {exc}", "--patient-merge") from None
+    if pattern.groups < 1:
+        raise IngestError("the merge pattern needs a group, e.g. ^(MR\\d+)[A-Z]$",
+                          "--patient-merge")
+    return PatientRule(rule.kind, rule.pattern, rule.table, rule.csv_path, pattern)
+
+
+def _parse_rule(text: str, label_column: str | None) -> PatientRule:
     if text == "folder":
         if label_column:
             raise IngestError("--label-column needs a csv: patient rule", "--label-column")
@@ -95,11 +119,16 @@ def parse_patient_rule(text: str, label_column: str | None = None) -> PatientRul
     if text.startswith("csv:"):
         path = Path(text[len("csv:"):]).expanduser()
         return PatientRule("csv", table=_read_patient_csv(path, label_column),
-                           csv_path=path.resolve())
+                           csv_path=_real(path))
     raise IngestError(
         f"unknown patient rule {text!r}: use folder, pattern:<regex> or csv:<path>",
         "--patient-rule",
     )
+
+
+def _real(path: Path) -> Path:
+    """One spelling per file (symlinks and '..' resolved) to match CSV rows to files."""
+    return Path(os.path.realpath(path))
 
 
 def _read_patient_csv(path: Path, label_column: str | None) -> dict[Path, tuple[str, str | None]]:
@@ -125,7 +154,7 @@ def _read_patient_csv(path: Path, label_column: str | None) -> dict[Path, tuple[
                 if not target.is_absolute():
                     target = path.parent / target
                 value = (row.get(label) or "").strip() if label else ""
-                table[Path(os.path.normpath(target.absolute()))] = (patient, value or None)
+                table[_real(target)] = (patient, value or None)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise IngestError(f"cannot read patients CSV: {type(exc).__name__}", str(path)) from None
     return table
@@ -190,13 +219,13 @@ class IngestSummary:
             f" ({self.slices_per_s:.1f} new slices/s; plane {self.plane},"
             f" grid {self.image_size}x{self.image_size})",
             f"  slices: {self.slices} ({self.slices_added} new, {self.already_stored} already"
-            f" stored) of {self.patients} patients, {self.series} series; by modality:"
+            f" stored) of {self.patients} patient(s), {self.series} series; by modality:"
             f" {modalities}",
         ]
         n_skipped = sum(self.skipped.values())
         if n_skipped:
             reasons = "; ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items()))
-            lines.append(f"  skipped: {n_skipped} files or frames ({reasons})")
+            lines.append(f"  skipped: {n_skipped} (files or frames) - {reasons}")
         else:
             lines.append("  skipped: none")
         if self.duplicates:
@@ -211,13 +240,13 @@ class IngestSummary:
         if self.split:
             s = self.split
             lines.append(
-                f"  split (by {s['method']}): train {s['patients_train']} patients /"
-                f" {s['slices_train']} slices, holdout {s['patients_holdout']} patients /"
+                f"  split by {s['method']}: train {s['patients_train']} patient(s) /"
+                f" {s['slices_train']} slices, holdout {s['patients_holdout']} patient(s) /"
                 f" {s['slices_holdout']} slices"
             )
         if self.store:
             lines.append(f"  store now holds {self.store.get('slices', 0)} slices of"
-                         f" {self.store.get('patients', 0)} patients")
+                         f" {self.store.get('patients', 0)} patient(s)")
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
@@ -290,8 +319,7 @@ def _collect_jobs(sources: list[Path], exclude: set[Path]) -> list[_Job]:
         if not os.path.lexists(source) or not source.exists():
             raise IngestError("source does not exist", str(source))
         if source.is_dir():
-            found = [p for p in _walk(source) if Path(os.path.normpath(p.absolute()))
-                     not in exclude]
+            found = [p for p in _walk(source) if not exclude or _real(p) not in exclude]
             if not found:
                 raise IngestError("source folder holds no files", str(source))
             jobs.extend(_Job(p, source, False) for p in found)
@@ -312,9 +340,14 @@ def _position_from_name(path: Path, fallback: int) -> float:
 
 def _patient_of(job: _Job, rule: PatientRule) -> tuple[str, str | None]:
     """(raw patient id, label) for an image / NIfTI file; raises :class:`Skipped`."""
+    patient, label = _rule_patient(job, rule)
+    return rule.merged(patient), label
+
+
+def _rule_patient(job: _Job, rule: PatientRule) -> tuple[str, str | None]:
     if rule.kind == "csv":
         assert rule.table is not None
-        entry = rule.table.get(Path(os.path.normpath(job.path.absolute())))
+        entry = rule.table.get(_real(job.path))
         if entry is None:
             raise Skipped("not in patients CSV")
         return entry
@@ -361,8 +394,10 @@ def _ingest_slice(
     if normalised.nonzero_fraction < settings.min_nonzero_fraction:
         run.skip("empty slice")
         return
-    digest = sha256_hex(str(values.shape).encode() + np.ascontiguousarray(
-        values, dtype=np.float32).tobytes())
+    # Digest of the physical values as read (native dtype), to report distinct instances
+    # that carry identical pixels.
+    digest = sha256_hex(f"{values.dtype.str}{values.shape}".encode()
+                        + np.ascontiguousarray(values).tobytes())
     run.pixel_groups.setdefault(digest, set()).add(instance_key)
     run.seen.add(instance_key)
     run.patients.add(patient)
@@ -542,6 +577,7 @@ def ingest_sources(
     modality: str | None = None,
     patient_rule: str = "folder",
     label_column: str | None = None,
+    patient_merge: str | None = None,
     progress: bool = True,
 ) -> IngestSummary:
     """Ingest DICOM files / folders, PNG / JPEG folders and NIfTI volumes into the store.
@@ -550,7 +586,10 @@ def ingest_sources(
     (for DICOM it keeps only that modality); ``patient_rule`` gives the patient of a PNG / JPEG
     / NIfTI file: ``folder`` (its parent folder), ``pattern:<regex>`` (group 1, or the group
     named ``patient``, searched in the path relative to the source) or ``csv:<path>`` (columns
-    file, patient_id[, label]; ``file`` relative to the CSV's folder).
+    file, patient_id[, label]; ``file`` relative to the CSV's folder). ``patient_merge`` is a
+    regex: a PNG / JPEG / NIfTI patient id matching it in full is replaced by its group 1
+    (e.g. ``^(MR\\d+)[A-Z]$`` joins Cheng's MR040240B with MR040240, which may be one person:
+    the cautious choice for a split that must not leak a patient).
     """
     started = time.perf_counter()
     chosen_plane = plane or config.store.plane
@@ -562,7 +601,7 @@ def ingest_sources(
         if modality not in MODALITIES:
             raise IngestError(f"unknown modality {modality!r}: use {', '.join(MODALITIES)}",
                               "--modality")
-    rule = parse_patient_rule(patient_rule, label_column)
+    rule = parse_patient_rule(patient_rule, label_column, patient_merge)
     sources = [Path(s).expanduser() for s in sources]
     exclude = {rule.csv_path} if rule.csv_path is not None else set()
     jobs = _collect_jobs(sources, exclude)
@@ -630,7 +669,7 @@ def _finish(run: _Run, summary: IngestSummary, sources: list[Path]) -> None:
     notes = [f"{text} ({n} files)" for text, n in sorted(run.notes.items())]
     if run.unoriented and run.plane != "any":
         notes.append(f"{run.unoriented} PNG/JPEG/TIFF slices carry no orientation; stored"
-                     f" without a {run.plane} check")
+                     f" without checking the {run.plane} plane")
     for kind, n in sorted(run.fallback.items()):
         notes.append(f"{n} DICOM files have no PatientID; patient taken from the {kind}")
     if run.skipped.get("image file without --modality"):

@@ -71,7 +71,7 @@ def write_dicom_slice(
     """Write one slice; ``values`` are physical (HU for CT) and stored through the rescale."""
     from pydicom import dcmwrite
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     path = Path(path)
     if values is None:
@@ -86,8 +86,8 @@ def write_dicom_slice(
     sop_uid = sop_uid or generate_uid()
     syntax = transfer_syntax or ExplicitVRLittleEndian
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
     ds = Dataset()

@@ -1,0 +1,244 @@
+"""The arm comparison (S, R, L, F, 0) on ../shared/data, recorded in bench/RESULTS.md.
+
+    python bench/bench_compare.py build --task denoise|sr      # site homes via node.ingest
+    python bench/bench_compare.py run --task denoise|sr [--steps N] [--batch-size N]
+        [--arms S,R,L,F,0] [--synthetic guard|none] [--preset cpu|tiny] [--no-record]
+
+Sites: CT denoising uses the three CT collections (covid-ny-sbu, tcga-luad,
+pancreatic-ct-cbct-seg) as three sites; MR super-resolution splits brain-tumor-t1c by patient
+(patients.csv, IDs that differ only by a trailing letter merged into one patient) into three
+sites, each patient to the site chosen by a hash of its ID. Each site is a real node home built
+by ``node.ingest.pipeline.ingest_sources`` (default 64x64, axial for CT) with its own seeded
+patient-level split. The configs are bench/compare_ct.yaml and bench/compare_mr.yaml; command
+line options override the step budget and arms. Outputs stay under bench/out/ (ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+CONFIGS = {"denoise": REPO / "bench" / "compare_ct.yaml", "sr": REPO / "bench" / "compare_mr.yaml"}
+CT_SITES = ("covid-ny-sbu", "tcga-luad", "pancreatic-ct-cbct-seg")
+
+
+def _home(path: Path, site: str):  # type: ignore[no-untyped-def]
+    from node.config import NodePaths
+    from node.home import init_home
+
+    if (path / "node.yaml").exists():
+        return NodePaths(path.resolve()), False
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)  # a half-built home from a killed build
+    return init_home(path, site), True
+
+
+def _store_count(paths) -> int:  # type: ignore[no-untyped-def]
+    from node.store import Store
+
+    with Store(paths.store) as store:
+        return store.count()
+
+
+def build_ct(config) -> list[str]:  # type: ignore[no-untyped-def]
+    from node.config import load_node_config
+    from node.ingest.pipeline import ingest_sources
+
+    lines = []
+    for site_cfg, name in zip(config.sites, CT_SITES, strict=True):
+        paths, _ = _home(REPO / site_cfg.home, site_cfg.name)
+        if _store_count(paths) == 0:
+            summary = ingest_sources(paths, load_node_config(paths), [DATA / "ct" / name],
+                                     progress=True)
+            lines.append(f"{name}: {summary.human().splitlines()[0]}")
+    return lines
+
+
+def _merged_patient(pid: str) -> str:
+    return re.sub(r"[A-Za-z]+$", "", pid.strip())
+
+
+def build_mr(config) -> list[str]:  # type: ignore[no-untyped-def]
+    from node.config import load_node_config
+    from node.ingest.pipeline import ingest_sources
+
+    root = DATA / "mr" / "brain-tumor-t1c"
+    with open(root / "patients.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    n_sites = len(config.sites)
+    by_site: dict[int, list[dict[str, str]]] = {i: [] for i in range(n_sites)}
+    for row in rows:
+        key = _merged_patient(row["patient_id"])
+        site = int(hashlib.sha256(key.encode()).hexdigest(), 16) % n_sites
+        by_site[site].append(row)
+    lines = []
+    for i, site_cfg in enumerate(config.sites):
+        paths, _ = _home(REPO / site_cfg.home, site_cfg.name)
+        if _store_count(paths) > 0:
+            continue
+        table = REPO / site_cfg.home / "sources.csv"  # inside the home: no raw ids, file names
+        with open(table, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "patient_id", "label"])
+            for row in by_site[i]:
+                writer.writerow([str(root / row["file"]), _merged_patient(row["patient_id"]),
+                                 row["label"]])
+        files = [root / row["file"] for row in by_site[i]]
+        summary = ingest_sources(paths, load_node_config(paths), files, modality="MR",
+                                 patient_rule=f"csv:{table}", progress=True)
+        table.unlink()
+        patients = len({_merged_patient(r["patient_id"]) for r in by_site[i]})
+        lines.append(f"{site_cfg.name}: {len(files)} files of {patients} patients: "
+                     f"{summary.human().splitlines()[0]}")
+    return lines
+
+
+def _load(task: str):  # type: ignore[no-untyped-def]
+    from coordinator.restore.compare import load_compare_config
+
+    return load_compare_config(CONFIGS[task])
+
+
+def build(task: str) -> None:
+    config = _load(task)
+    t0 = time.monotonic()
+    lines = build_ct(config) if task == "denoise" else build_mr(config)
+    for line in lines:
+        print(line)
+    print(f"homes ready in {time.monotonic() - t0:.0f} s")
+
+
+def run(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from coordinator.restore.compare import run_comparison
+
+    config = _load(args.task)
+    overrides = {}
+    if args.steps:
+        overrides["steps"] = args.steps
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    if args.preset:
+        overrides["preset"] = args.preset
+    if args.arms:
+        overrides["arms"] = args.arms.split(",")
+    if args.rounds:
+        overrides["fedavg"] = replace(config.fedavg, rounds=args.rounds)
+    if args.synthetic:
+        overrides["synthetic"] = replace(config.synthetic, source=args.synthetic)
+    config = replace(config, **overrides)
+    config.sites = [replace(s, home=str(REPO / s.home)) for s in config.sites]
+    out = REPO / (args.out or config.out)
+    t0 = time.monotonic()
+    results = run_comparison(config, out, progress=True)
+    wall = time.monotonic() - t0
+    if args.no_record:
+        print(f"done in {wall:.0f} s (not recorded): {out / 'report.md'}")
+        return
+    record(args, config, results, out, wall)
+
+
+def record(args, config, results, out: Path, wall: float) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.restore.report import ARM_NAMES
+
+    st = results["settings"]
+    cmd = "python bench/bench_compare.py " + " ".join(sys.argv[1:])
+    lines = [
+        "",
+        f"## Restoration comparison: {config.task} ({config.modality}), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} {cmd}`. Machine: "
+        f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs "
+        f"(load average {os.getloadavg()[0]:.1f} at the end), Python "
+        f"{platform.python_version()}, CPU only. Network `{st['net']}` {st['net_config']}, "
+        f"{st['steps']} steps x batch {st['batch_size']} for every arm, seed {st['seed']}. "
+        f"Total wall time {wall:.0f} s. Full report: `{out.relative_to(REPO)}/report.md` "
+        "(and report.html).",
+        "",
+        config.description,
+        "",
+        "| site | train slices (patients) | holdout slices (patients) |",
+        "| --- | ---: | ---: |",
+    ]
+    for s in results["sites"]:
+        lines.append(f"| {s['name']} | {s['train_slices']} ({s['patients_train']}) | "
+                     f"{s['holdout_slices']} ({s['patients_holdout']}) |")
+    lines += ["", "| arm | n | PSNR dB mean (sd) [95 % CI] | SSIM mean (sd) [95 % CI] | "
+              "RMSE mean | wall s (pairs + generate + train + evaluate) |",
+              "| --- | ---: | --- | --- | ---: | ---: |"]
+    for arm in ("S", "R", "L", "F", "0"):
+        if arm not in results["table"]:
+            if arm in results["notes"]:
+                lines.append(f"| {ARM_NAMES[arm]} | - | {results['notes'][arm]} | | | |")
+            continue
+        o = results["table"][arm]["overall"]
+        p, s, r = o["psnr_db"], o["ssim"], o["rmse"]
+        t = results["timings_s"].get(arm, {})
+        lines.append(
+            f"| {ARM_NAMES[arm]} | {p['n']} | {p['mean']:.2f} ({p['sd']:.2f}) "
+            f"[{p['ci95_low']:.2f}, {p['ci95_high']:.2f}] | {s['mean']:.4f} ({s['sd']:.4f}) "
+            f"[{s['ci95_low']:.4f}, {s['ci95_high']:.4f}] | {r['mean']:.1f} | "
+            f"{sum(t.values()):.0f} |" if t else
+            f"| {ARM_NAMES[arm]} | {p['n']} | {p['mean']:.2f} ({p['sd']:.2f}) "
+            f"[{p['ci95_low']:.2f}, {p['ci95_high']:.2f}] | {s['mean']:.4f} ({s['sd']:.4f}) "
+            f"[{s['ci95_low']:.4f}, {s['ci95_high']:.4f}] | {r['mean']:.1f} | (in the others) |"
+        )
+    lines += ["", "| comparison | metric | n | mean diff [95 % CI] | Wilcoxon p | t-test p | "
+              "TOST p (margin) | verdict |", "| --- | --- | ---: | --- | ---: | ---: | --- | --- |"]
+    for key, by_metric in results["tests"].items():
+        for metric in ("psnr_db", "ssim"):
+            t = by_metric[metric]["overall"]
+            tost = t["tost"] or {}
+            lines.append(
+                f"| {key} | {metric} | {t['n']} | {t['mean_difference']:.4f} "
+                f"[{t['ci95_low']:.4f}, {t['ci95_high']:.4f}] | {t['wilcoxon_p']:.3g} | "
+                f"{t['ttest_p']:.3g} | {tost.get('p', float('nan')):.3g} ({t['margin']}) | "
+                f"{t['verdict']} |"
+            )
+    for arm, note in results["notes"].items():
+        lines.append(f"\nArm {arm}: {note}")
+    if "S" in results["provenance"]:
+        lines.append(f"\nArm S data: {results['provenance']['S']['label']}.")
+    with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--task", choices=("denoise", "sr"), required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--task", choices=("denoise", "sr"), required=True)
+    r.add_argument("--steps", type=int, default=0)
+    r.add_argument("--batch-size", type=int, default=0)
+    r.add_argument("--preset", choices=("tiny", "cpu", "gpu"), default=None)
+    r.add_argument("--arms", default="")
+    r.add_argument("--rounds", type=int, default=0)
+    r.add_argument("--synthetic", choices=("guard", "pool", "none"), default=None)
+    r.add_argument("--out", default="")
+    r.add_argument("--no-record", action="store_true", help="smoke run: do not touch RESULTS.md")
+    args = parser.parse_args()
+    if args.cmd == "build":
+        build(args.task)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
