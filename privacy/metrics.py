@@ -11,14 +11,17 @@ query to its ``t``-th variant (``query_variants``, shape [Q, T, F]). An image is
 
 * :class:`PixelRMSE` -- ``F = V = flatten``, one variant, ``scale = 1/sqrt(H*W)``: the
   root-mean-square pixel difference.
-* :class:`ShiftFlipDistance` -- the minimum of the pixel RMSE over the query mirrored or not
-  (horizontal mirror, ``q[:, ::-1]``) and then shifted by every integer ``(dy, dx)`` with
-  ``|dx|, |dy| <= max_shift_px``. A shift moves the image content by (dy, dx) and fills the
-  uncovered border by *edge replication* (``numpy.pad(mode="edge")`` then crop), so every
-  variant is a full H x W image and the distance stays an exact Euclidean distance in the full
-  space -- which is what makes the lower bounds of :mod:`privacy.search` valid for it. A copy
-  of a real slice moved by ``(dy, dx)`` differs from the variant shifted back by ``(-dy, -dx)``
-  only in a border strip ``|dy|`` and ``|dx|`` pixels wide.
+* :class:`ShiftFlipDistance` -- template matching with a margin ``s = max_shift_px``: the
+  reference's central window ``r[s:H-s, s:W-s]`` is compared (RMSE) with every equally sized
+  window ``q'[s+dy : H-s+dy, s+dx : W-s+dx]`` of the query ``q' = q`` or its horizontal mirror
+  ``q' = q[:, ::-1]``, for every integer ``|dy|, |dx| <= s``; the distance is the minimum.
+  Every variant lies wholly inside the query, so no fill value is ever compared: a copy of a
+  real slice moved by up to ``s`` pixels (whatever fills its uncovered border) and/or mirrored
+  is at distance exactly 0 from its original. The reference feature is fixed (the central
+  window) and each variant is a vector of the same length, so the distance is an exact
+  Euclidean distance in that space and the lower bounds of :mod:`privacy.search` hold for it.
+  The outer ``s`` pixels of the reference are not compared by this metric (the pixel RMSE
+  still compares the whole image).
 * :class:`EmbeddingDistance` -- Euclidean distance between L2-normalised embeddings of a
   learned encoder (:mod:`privacy.encoder`), trained at the site so that altered copies land next
   to their originals. Distances lie in [0, 2].
@@ -42,7 +45,6 @@ __all__ = [
     "PixelRMSE",
     "ShiftFlipDistance",
     "EmbeddingDistance",
-    "shift_edge",
     "check_images",
 ]
 
@@ -60,17 +62,6 @@ def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise GuardError("images hold NaN or infinite values", where, 2)
     return arr
-
-
-def shift_edge(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Move the content of [N, H, W] images by (dy, dx) pixels, filling by edge replication.
-
-    ``out[i, y, x] = images[i, clip(y - dy), clip(x - dx)]`` with indices clipped to the grid.
-    """
-    n, h, w = images.shape
-    ys = np.clip(np.arange(h) - dy, 0, h - 1)
-    xs = np.clip(np.arange(w) - dx, 0, w - 1)
-    return images[:, ys][:, :, xs]
 
 
 class Metric(ABC):
@@ -129,7 +120,7 @@ class PixelRMSE(Metric):
 
 
 class ShiftFlipDistance(Metric):
-    """Minimum pixel RMSE over integer shifts (edge-replicated) and the horizontal mirror."""
+    """Minimum window RMSE over integer shifts up to ``max_shift_px`` and the mirror."""
 
     name = "shift_flip"
 
@@ -138,6 +129,7 @@ class ShiftFlipDistance(Metric):
             raise GuardError("max_shift_px must be >= 0", "guard.max_shift_px", 2)
         self.max_shift_px = int(max_shift_px)
         self.mirror = bool(mirror)
+        self.feature_space = f"pixels_window{self.max_shift_px}"
 
     def transforms(self) -> list[tuple[bool, int, int]]:
         """(mirrored, dy, dx) of every variant; the identity comes first."""
@@ -152,19 +144,37 @@ class ShiftFlipDistance(Metric):
     def n_variants(self) -> int:
         return len(self.transforms())
 
+    def _window(self, image_shape: tuple[int, ...]) -> tuple[int, int]:
+        h, w = int(image_shape[-2]), int(image_shape[-1])
+        s = self.max_shift_px
+        if h <= 2 * s or w <= 2 * s:
+            raise GuardError(
+                f"images of {h}x{w} are too small for max_shift_px {s}", "guard.max_shift_px", 2
+            )
+        return h - 2 * s, w - 2 * s
+
     def scale(self, image_shape: tuple[int, int]) -> float:
-        return 1.0 / math.sqrt(image_shape[0] * image_shape[1])
+        wh, ww = self._window(image_shape)
+        return 1.0 / math.sqrt(wh * ww)
 
     def reference_features(self, images: np.ndarray) -> np.ndarray:
-        return PixelRMSE().reference_features(images)
+        arr = np.asarray(images)
+        if arr.dtype not in (np.float16, np.float32):
+            arr = arr.astype(np.float32)
+        wh, ww = self._window(arr.shape)
+        s = self.max_shift_px
+        return np.ascontiguousarray(arr[:, s : s + wh, s : s + ww]).reshape(arr.shape[0], -1)
 
     def query_variants(self, images: np.ndarray) -> np.ndarray:
         arr = check_images(images)
         n = arr.shape[0]
-        out = np.empty((n, self.n_variants(), arr.shape[1] * arr.shape[2]), dtype=np.float32)
+        wh, ww = self._window(arr.shape)
+        s = self.max_shift_px
+        out = np.empty((n, self.n_variants(), wh * ww), dtype=np.float32)
         mirrored = arr[:, :, ::-1]
         for t, (m, dy, dx) in enumerate(self.transforms()):
-            out[:, t] = shift_edge(mirrored if m else arr, dy, dx).reshape(n, -1)
+            src = mirrored if m else arr
+            out[:, t] = src[:, s + dy : s + dy + wh, s + dx : s + dx + ww].reshape(n, -1)
         return out
 
     def describe(self) -> dict[str, object]:
@@ -172,7 +182,7 @@ class ShiftFlipDistance(Metric):
             "name": self.name,
             "max_shift_px": self.max_shift_px,
             "mirror": self.mirror,
-            "fill": "edge replication",
+            "compared": "central window of the reference vs shifted windows of the query",
         }
 
 

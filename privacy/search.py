@@ -6,36 +6,45 @@ touching as few reference rows as it can; BLAS does the heavy lifting, but a ref
 skipped only when a lower bound, made conservative against floating-point error, proves it
 cannot be (one of) the nearest.
 
-**What "exact" means.** The distance of a query variant ``v`` to a reference row ``r`` is
-:func:`exact_sq_distances`: the float64 sum of squared float64 differences of the stored values
-(float16 / float32 inputs are exactly representable in float64). Brute force
-(:func:`brute_force_nearest`) and the index both use that one function, row by row, so they
-agree bit for bit; no decision rests on a GEMM expansion ``|a|^2 + |b|^2 - 2ab``.
+**What "exact" means.** The distance of a query variant ``v`` to a reference row ``r`` is the
+float64 sum of squared float64 differences of the stored values (:func:`exact_sq_distances`;
+float16 / float32 inputs are exactly representable in float64), each row reduced on its own.
+Brute force (:func:`brute_force_nearest`) and the index use that one formula, so they agree
+bit for bit; no decision ever rests on a GEMM expansion ``|a|^2 + |b|^2 - 2ab``.
 
 **The lower bound.** Let ``mu`` be a mean vector and ``P`` (k x F) a matrix with orthonormal
-rows (the top principal axes of a sample of the reference). For ``x = v - mu`` write
-``p(x) = P x`` and ``e(x) = x - P^T P x``, and define the augmented vector
-``a(x) = [p(x), |e(x)|]`` in k + 1 dimensions. Then for every pair::
+rows (principal axes of a sample of the reference; the bound holds for *any* orthonormal
+``P``, so the sample only changes speed, never results). For ``x = v - mu`` write
+``p(x) = P x``, ``e(x) = x - P^T P x`` and the augmented vector ``a(x) = [p(x), |e(x)|]``.
+Then for every pair::
 
     |v - r|^2 = |P(v - r)|^2 + |e(v) - e(r)|^2          (Pythagoras: P^T P is an orthogonal
-                                                          projector, e(.) its complement)
+                                                          projector and e(.) its complement)
              >= |p(v) - p(r)|^2 + (|e(v)| - |e(r)|)^2    (reverse triangle inequality)
               = |a(v) - a(r)|^2 =: LB^2.
 
-With ``k = 0`` this is the norm bound ``| |v - mu| - |r - mu| | <= |v - r|``; with ``k = F`` it
-is the distance itself. **Floating point.** ``LB^2`` is computed in float64 by GEMM. Each
-rounding step (the projection, the residual, the orthonormality of ``P`` from the SVD, the
-expansion ``|a|^2 + |b|^2 - 2 a.b``) perturbs ``LB^2`` by at most ``c * u * (|v-mu| + |r-mu|)^2``
-with ``u = 2^-53`` and ``c <= 8 (F + k)`` (standard bounds ``gamma_n = n u / (1 - n u)`` for
-dot products of length ``n``, Higham, *Accuracy and Stability of Numerical Algorithms*, 3.1).
-For ``F <= 2^21`` that is below ``2e-9 (|v-mu| + |r-mu|)^2``; we subtract the larger slack
-``EPS_SQ = 1e-8`` times that, so the *safe* bound
-``LB_safe^2 = LB^2_computed - EPS_SQ (|v-mu| + |r-mu|)^2`` never exceeds the true ``|v - r|^2``.
+With ``k = 0`` this is the norm bound ``| |v-mu| - |r-mu| | <= |v - r|``; with ``P = I`` (used
+when F <= k) it is the distance itself.
 
-**The search.** For each query (all its variants), candidate pairs are visited in increasing
-order of ``LB_safe^2``; each visited pair gets its exact distance; the k best distinct
-references are kept; a pair is skipped only when ``LB_safe^2 >= `` the current k-th best exact
-squared distance, which proves it cannot enter the k best. The result equals brute force.
+**Floating point.** ``p`` is computed in float64 (error per vector at most
+``sqrt(k) gamma_F |x|``, ``gamma_n = n u / (1 - n u)``, ``u = 2^-53``; Higham, *Accuracy and
+Stability of Numerical Algorithms*, 2nd ed., 3.1), ``|e|`` as
+``sqrt(max(|x|^2 - |p|^2, 0))`` (error at most ``sqrt(4 gamma_F) |x|``, below ``3e-5 |x|``
+for ``F <= 2^21``), the augmented vectors are stored in float32 (relative error ``2^-24``)
+and ``LB^2`` is evaluated by a float32 GEMM expansion over ``k + 1`` terms (error at most
+``gamma32_{k+3} (|a(v)| + |a(r)|)^2``, below ``3.1e-5 (...)^2`` for ``k <= 512``). With
+``|a(x)| <= |x| (1 + 1e-5)`` all of these together move ``LB^2`` by less than
+``1e-4 (|v - mu| + |r - mu|)^2``. The search therefore uses the *safe* bound
+``LB_safe^2 = LB^2_computed - EPS_SQ (|v-mu| + |r-mu|)^2`` with ``EPS_SQ = 1e-4``, which never
+exceeds the true ``|v - r|^2``.
+
+**The search.** For a block of queries (every variant of each) against a chunk of references:
+``LB_safe^2`` by one GEMM; for each query the ``m`` references of smallest bound are evaluated
+exactly, which gives an upper bound ``U`` on its k-th nearest distance (with the k best found
+in earlier chunks); every pair with ``LB_safe^2 < U`` is then evaluated exactly, every other
+pair is skipped -- proven not closer than ``U``. The k best distinct references (minimum over
+a reference's variants) are kept. The distances equal brute force's bit for bit; on an exact
+tie between two references the index reported may be either.
 
 What this module must never do: use an approximate index to skip a reference, or read files.
 """
@@ -57,17 +66,15 @@ __all__ = [
     "brute_force_nearest",
 ]
 
-EPS_SQ = 1e-8
+EPS_SQ = 1e-4
 MAX_DIM = 1 << 21
-_EXACT_ROWS = 4096
+MAX_COMPONENTS = 512
+_EXACT_ROWS = 2048
+_SEED_REFS = 8
 
 
 def exact_sq_distances(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Exact squared distances from one vector to each row (float64, row by row).
-
-    The value for a row depends only on that row and ``v`` (numpy reduces each row of a
-    C-contiguous array on its own), so any subset of rows gives the same numbers.
-    """
+    """Exact squared distances from one vector to each row (float64, each row on its own)."""
     diff = np.asarray(rows, dtype=np.float64) - np.asarray(v, dtype=np.float64)[None, :]
     out: np.ndarray = np.sum(diff * diff, axis=1)
     return out
@@ -76,9 +83,9 @@ def exact_sq_distances(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def exact_pair_sq_distances(
     variants: np.ndarray, vrows: np.ndarray, features: np.ndarray, frows: np.ndarray
 ) -> np.ndarray:
-    """Exact squared distances of pairs (variants[vrows[i]], features[frows[i]]).
+    """Exact squared distances of the pairs ``(variants[vrows[i]], features[frows[i]])``.
 
-    Row ``i`` is reduced on its own, exactly as :func:`exact_sq_distances` reduces it.
+    Row ``i`` is reduced on its own, with the same formula as :func:`exact_sq_distances`.
     """
     diff = np.asarray(features[frows], dtype=np.float64) - np.asarray(
         variants[vrows], dtype=np.float64
@@ -93,8 +100,8 @@ class Nearest:
 
     ``sq`` [Q, k]: exact squared feature distances (inf where fewer than k references);
     ``index`` [Q, k]: reference rows (-1 where none); ``variant`` [Q]: the query variant that
-    achieved the nearest; ``evaluated`` [Q]: exact pair evaluations spent (brute force:
-    T x N).
+    achieved the nearest; ``evaluated`` [Q]: exact pair evaluations spent (brute force spends
+    T x N per query).
     """
 
     sq: np.ndarray
@@ -105,31 +112,6 @@ class Nearest:
     def distances(self, scale: float = 1.0) -> np.ndarray:
         out: np.ndarray = np.sqrt(self.sq) * scale
         return out
-
-
-class _TopK:
-    """The k smallest squared distances over distinct references, ties broken by index."""
-
-    __slots__ = ("k", "items")
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.items: list[tuple[float, int, int]] = []  # (sq, ref, variant), sorted
-
-    def bound(self) -> float:
-        return self.items[-1][0] if len(self.items) >= self.k else float("inf")
-
-    def offer(self, sq: float, ref: int, variant: int) -> None:
-        for i, (old_sq, old_ref, _) in enumerate(self.items):
-            if old_ref == ref:
-                if sq < old_sq:
-                    self.items[i] = (sq, ref, variant)
-                    self.items.sort()
-                return
-        if len(self.items) < self.k or (sq, ref) < (self.items[-1][0], self.items[-1][1]):
-            self.items.append((sq, ref, variant))
-            self.items.sort()
-            del self.items[self.k :]
 
 
 def _as_matrix(features: np.ndarray, where: str) -> np.ndarray:
@@ -143,27 +125,97 @@ def _as_matrix(features: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _principal_axes(sample: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k orthonormal rows spanning (approximately) the top principal axes of ``sample``.
+
+    Randomised range finder with two power iterations (Halko et al., SIAM Review 2011); the
+    result is re-orthonormalised by QR, since the bound needs orthonormal rows, not the exact
+    principal axes.
+    """
+    m, f = sample.shape
+    k = max(0, min(k, m - 1, f))
+    if k == 0:
+        return np.zeros((0, f), dtype=np.float64)
+    width = min(f, m, k + 10)
+    y = sample @ rng.standard_normal((f, width))
+    for _ in range(2):
+        y, _ = np.linalg.qr(y)
+        y = sample @ (sample.T @ y)
+    qm, _ = np.linalg.qr(y)
+    _, _, vt = np.linalg.svd(qm.T @ sample, full_matrices=False)
+    q, _ = np.linalg.qr(vt[:k].T)
+    basis: np.ndarray = np.ascontiguousarray(q.T)
+    return basis
+
+
+class _Top:
+    """Running k best distinct references per query (squared distance, index, variant)."""
+
+    def __init__(self, q: int, k: int) -> None:
+        self.k = k
+        self.sq = np.full((q, k), np.inf)
+        self.index = np.full((q, k), -1, dtype=np.int64)
+        self.variant = np.full((q, k), -1, dtype=np.int64)
+
+    def kth(self, rows: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.sq[rows, self.k - 1]
+        return out
+
+    def merge(self, qs: np.ndarray, rs: np.ndarray, ts: np.ndarray, sq: np.ndarray) -> None:
+        if qs.size == 0:
+            return
+        have = np.isfinite(self.sq)
+        hq = np.nonzero(have)[0]
+        qs = np.concatenate([qs, hq])
+        rs = np.concatenate([rs, self.index[have]])
+        ts = np.concatenate([ts, self.variant[have]])
+        sq = np.concatenate([sq, self.sq[have]])
+        # Minimum per (query, reference), smallest variant on ties.
+        order = np.lexsort((ts, sq, rs, qs))
+        qs, rs, ts, sq = qs[order], rs[order], ts[order], sq[order]
+        first = np.ones(qs.size, dtype=bool)
+        first[1:] = (qs[1:] != qs[:-1]) | (rs[1:] != rs[:-1])
+        qs, rs, ts, sq = qs[first], rs[first], ts[first], sq[first]
+        # k smallest per query, ties broken by reference index.
+        order = np.lexsort((rs, sq, qs))
+        qs, rs, ts, sq = qs[order], rs[order], ts[order], sq[order]
+        starts = np.ones(qs.size, dtype=bool)
+        starts[1:] = qs[1:] != qs[:-1]
+        group_start = np.maximum.accumulate(np.where(starts, np.arange(qs.size), 0))
+        rank = np.arange(qs.size) - group_start
+        keep = rank < self.k
+        qs, rs, ts, sq, rank = qs[keep], rs[keep], ts[keep], sq[keep], rank[keep]
+        touched = np.unique(qs)
+        self.sq[touched] = np.inf
+        self.index[touched] = -1
+        self.variant[touched] = -1
+        self.sq[qs, rank] = sq
+        self.index[qs, rank] = rs
+        self.variant[qs, rank] = ts
+
+
 class ExactIndex:
     """Reference rows plus their augmented projections; answers exact k-NN queries.
 
-    ``n_components``: principal axes kept (``k``); when the feature dimension is at most that,
-    the identity basis is used (the bound is then the distance itself, up to the slack).
-    ``sample_size`` rows (seeded) estimate the mean and the axes; the bound is valid for any
-    orthonormal ``P`` and ``mu``, so the sample only changes speed, never the result.
+    ``n_components``: principal axes kept (``k``, at most 512); when the feature dimension is
+    at most that, the identity basis is used. ``sample_size`` rows (seeded) estimate the mean
+    and the axes.
     """
 
     def __init__(
         self,
         features: np.ndarray,
-        n_components: int = 64,
+        n_components: int = 128,
         sample_size: int = 2048,
         seed: int = 0,
-        chunk_rows: int = 16384,
+        chunk_rows: int = 8192,
     ) -> None:
         feats = _as_matrix(features, "reference")
         n, f = feats.shape
         if n == 0:
             raise GuardError("the reference is empty", "reference", 2)
+        if not 0 <= n_components <= MAX_COMPONENTS:
+            raise GuardError(f"n_components must be in 0..{MAX_COMPONENTS}", "reference", 2)
         self.features = feats
         self.n, self.dim = n, f
         rng = np.random.default_rng(seed)
@@ -173,37 +225,32 @@ class ExactIndex:
         if f <= n_components:
             self.basis = np.eye(f, dtype=np.float64)
         else:
-            k = max(0, min(n_components, sample.shape[0] - 1))
-            if k == 0:
-                self.basis = np.zeros((0, f), dtype=np.float64)
-            else:
-                _, _, vt = np.linalg.svd(sample - self.mean, full_matrices=False)
-                self.basis = np.ascontiguousarray(vt[:k])
+            self.basis = _principal_axes(sample - self.mean, n_components, rng)
         self.chunk_rows = chunk_rows
-        aug = np.empty((n, self.basis.shape[0] + 1), dtype=np.float64)
+        aug = np.empty((n, self.basis.shape[0] + 1), dtype=np.float32)
         norms = np.empty(n, dtype=np.float64)
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
             aug[start:stop], norms[start:stop] = self._augment(feats[start:stop])
         self.aug = aug
-        self.aug_sq = np.sum(aug * aug, axis=1)
-        self.norms = norms
+        self.aug_sq = np.sum(aug.astype(np.float64) ** 2, axis=1).astype(np.float32)
+        self.norms = norms.astype(np.float32)
 
     @property
     def n_components(self) -> int:
         return int(self.basis.shape[0])
 
     def _augment(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """([p(x), |e(x)|], |x|) for x = row - mu, in float64."""
+        """(float32 [p(x), |e(x)|], float64 |x|) for x = row - mu (computed in float64)."""
         x = np.asarray(rows, dtype=np.float64) - self.mean[None, :]
         p = x @ self.basis.T
-        resid = x - p @ self.basis
-        out = np.empty((x.shape[0], p.shape[1] + 1), dtype=np.float64)
+        x_sq = np.sum(x * x, axis=1)
+        out = np.empty((x.shape[0], p.shape[1] + 1), dtype=np.float32)
         out[:, :-1] = p
-        out[:, -1] = np.sqrt(np.sum(resid * resid, axis=1))
-        return out, np.sqrt(np.sum(x * x, axis=1))
+        out[:, -1] = np.sqrt(np.maximum(x_sq - np.sum(p * p, axis=1), 0.0))
+        return out, np.sqrt(x_sq)
 
-    def nearest(self, variants: np.ndarray, k: int = 1, block_entries: int = 1 << 22) -> Nearest:
+    def nearest(self, variants: np.ndarray, k: int = 1, block_entries: int = 1 << 23) -> Nearest:
         """Exact k nearest distinct references of each query; ``variants`` is [Q, T, F]."""
         var = np.asarray(variants)
         if var.ndim == 2:
@@ -217,65 +264,70 @@ class ExactIndex:
         q, t, _ = var.shape
         k = max(1, min(k, self.n))
         flat = var.reshape(q * t, self.dim)
-        aug_v = np.empty((q * t, self.aug.shape[1]), dtype=np.float64)
+        aug_v = np.empty((q * t, self.aug.shape[1]), dtype=np.float32)
         norm_v = np.empty(q * t, dtype=np.float64)
         for start in range(0, q * t, self.chunk_rows):
             stop = min(q * t, start + self.chunk_rows)
             aug_v[start:stop], norm_v[start:stop] = self._augment(flat[start:stop])
-        aug_v_sq = np.sum(aug_v * aug_v, axis=1)
-        tops = [_TopK(k) for _ in range(q)]
+        aug_v_sq = np.sum(aug_v.astype(np.float64) ** 2, axis=1).astype(np.float32)
+        norm_v32 = norm_v.astype(np.float32)
+        top = _Top(q, k)
         evaluated = np.zeros(q, dtype=np.int64)
-        n_chunk = min(self.n, max(1024, block_entries // t))
+        n_chunk = int(min(self.n, max(1024, block_entries // t)))
         q_block = max(1, block_entries // (t * n_chunk))
         for q0 in range(0, q, q_block):
             q1 = min(q, q0 + q_block)
+            qb = q1 - q0
             rows = slice(q0 * t, q1 * t)
             for n0 in range(0, self.n, n_chunk):
                 n1 = min(self.n, n0 + n_chunk)
-                lb = aug_v_sq[rows, None] + self.aug_sq[None, n0:n1]
-                lb -= 2.0 * (aug_v[rows] @ self.aug[n0:n1].T)
-                slack = norm_v[rows, None] + self.norms[None, n0:n1]
-                lb -= EPS_SQ * slack * slack
-                for qi in range(q0, q1):
-                    block = lb[(qi - q0) * t : (qi - q0 + 1) * t]
-                    evaluated[qi] += self._visit(tops[qi], var[qi], block, n0)
-        sq = np.full((q, k), np.inf)
-        index = np.full((q, k), -1, dtype=np.int64)
-        variant = np.full(q, -1, dtype=np.int64)
-        for qi, top in enumerate(tops):
-            for j, (s, r, v) in enumerate(top.items):
-                sq[qi, j], index[qi, j] = s, r
-                if j == 0:
-                    variant[qi] = v
-        return Nearest(sq=sq, index=index, variant=variant, evaluated=evaluated)
+                lb = aug_v[rows] @ self.aug[n0:n1].T
+                lb *= -2.0
+                lb += aug_v_sq[rows, None]
+                lb += self.aug_sq[None, n0:n1]
+                slack = norm_v32[rows, None] + self.norms[None, n0:n1]
+                slack *= slack
+                slack *= EPS_SQ
+                lb -= slack
+                del slack
+                lb3 = lb.reshape(qb, t, n1 - n0)
+                # Seed: the m references of smallest bound, at their best-bound variant.
+                m = min(n1 - n0, max(_SEED_REFS, 2 * k))
+                best_t = lb3.argmin(axis=1)  # [qb, nc]
+                best_lb = np.take_along_axis(lb3, best_t[:, None, :], axis=1)[:, 0]
+                seed_r = np.argpartition(best_lb, m - 1, axis=1)[:, :m]
+                sq_ = np.repeat(np.arange(q0, q1), m)
+                sr = seed_r.ravel()
+                st = best_t[np.repeat(np.arange(qb), m), sr]
+                self._evaluate(var, top, evaluated, sq_, st, sr + n0)
+                bound = top.kth(np.arange(q0, q1)).astype(np.float64)
+                bound32 = np.nextafter(bound.astype(np.float32), np.float32(np.inf))
+                cq, ct, cr = np.nonzero(lb3 < bound32[:, None, None])
+                if cq.size:
+                    # Exact filter in float64 (the float32 bound was rounded up).
+                    keep = lb3[cq, ct, cr].astype(np.float64) < bound[cq]
+                    cq, ct, cr = cq[keep], ct[keep], cr[keep]
+                    self._evaluate(var, top, evaluated, cq + q0, ct, cr + n0)
+        return Nearest(
+            sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated
+        )
 
-    def _visit(self, top: _TopK, var: np.ndarray, safe_lb: np.ndarray, offset: int) -> int:
-        """Evaluate, in increasing bound order, every pair whose safe bound beats the k-th."""
-        t, nc = safe_lb.shape
-        flat_lb = safe_lb.ravel()
-        cand = np.flatnonzero(flat_lb < top.bound())
-        if cand.size == 0:
-            return 0
-        cand = cand[np.argsort(flat_lb[cand], kind="stable")]
-        done, pos, step = 0, 0, 8
-        while pos < cand.size:
-            batch = cand[pos : pos + step]
-            pos += step
-            step = min(step * 2, 512)
-            bound = top.bound()
-            batch = batch[flat_lb[batch] < bound]
-            if batch.size == 0:
-                break  # sorted: every later pair has a bound at least as large
-            ts, rs = np.divmod(batch, nc)
-            rs = rs + offset
-            sq = exact_pair_sq_distances(var, ts, self.features, rs)
-            done += batch.size
-            bound = top.bound()
-            for s, r, tv in zip(sq.tolist(), rs.tolist(), ts.tolist(), strict=True):
-                if s < bound or len(top.items) < top.k:
-                    top.offer(s, r, tv)
-                    bound = top.bound()
-        return done
+    def _evaluate(
+        self,
+        var: np.ndarray,
+        top: _Top,
+        evaluated: np.ndarray,
+        qs: np.ndarray,
+        ts: np.ndarray,
+        rs: np.ndarray,
+    ) -> None:
+        t = var.shape[1]
+        flat = var.reshape(-1, var.shape[2])
+        for start in range(0, qs.size, _EXACT_ROWS):
+            sl = slice(start, start + _EXACT_ROWS)
+            sq = exact_pair_sq_distances(flat, qs[sl] * t + ts[sl], self.features, rs[sl])
+            top.merge(qs[sl], rs[sl], ts[sl], sq)
+        np.add.at(evaluated, qs, 1)
 
 
 def brute_force_nearest(variants: np.ndarray, features: np.ndarray, k: int = 1) -> Nearest:

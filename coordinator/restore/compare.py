@@ -83,6 +83,7 @@ class CompareConfig:
     modality: str = setting("CT", "modality of the slices used at every site")
     net: str = setting("", "network name; empty = redcnn (denoise) / edsr (sr)")
     preset: Literal["tiny", "cpu", "gpu"] = setting("cpu", "network sizes and default budget")
+    net_config: dict[str, Any] = setting({}, "overrides of the preset's network config")
     steps: int = setting(0, "optimiser steps of every arm; 0 = the preset's")
     batch_size: int = setting(0, "batch size of every arm; 0 = the preset's")
     seed: int = setting(0, "network initialisation and batch order seed (every arm)")
@@ -225,7 +226,7 @@ def _settings(config: CompareConfig) -> Any:
     return settings_for(
         config.net or default_net(config.task), config.task, config.modality, config.preset,
         steps=config.steps or None, batch_size=config.batch_size or None, seed=config.seed,
-        degradation=degradation,
+        degradation=degradation, net_config=dict(config.net_config),
         ct_window_hu=(float(config.ct_window_hu[0]), float(config.ct_window_hu[1])),
     )
 

@@ -51,7 +51,10 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--no-progress", help="no progress bar on stderr")
         ] = False,
     ) -> None:
-        """Ingest sources into the store; prints files, slices, patients, series, skips."""
+        """Ingest SOURCES into the store; prints files, slices, patients, series, skips.
+
+        SOURCES: DICOM files / folders (recursive), PNG / JPEG folders, NIfTI; only read.
+        """
         from node.config import load_node_config, resolve_home
         from node.ingest import ingest_sources
 
