@@ -1,6 +1,8 @@
 """The arm comparison (S, R, L, F, 0) on ../shared/data, recorded in bench/RESULTS.md.
 
     python bench/bench_compare.py build --task denoise|sr      # site homes via node.ingest
+    python bench/bench_compare.py generators --task denoise|sr [--preset tiny|cpu]
+        [--max-steps N]                                         # each site's own generator
     python bench/bench_compare.py run --task denoise|sr [--steps N] [--batch-size N]
         [--arms S,R,L,F,0] [--synthetic guard|none] [--preset cpu|tiny] [--no-record]
 
@@ -120,6 +122,22 @@ def build(task: str) -> None:
     print(f"homes ready in {time.monotonic() - t0:.0f} s")
 
 
+def generators(task: str, preset: str, max_steps: int | None) -> None:
+    """Train each site's own generator on its own train split (arm S needs them)."""
+    from node.config import load_node_config, resolve_home
+    from node.generator.train import train_generator
+
+    config = _load(task)
+    for site_cfg in config.sites:
+        paths = resolve_home(REPO / site_cfg.home)
+        t0 = time.monotonic()
+        summary = train_generator(paths, load_node_config(paths), preset=preset,
+                                  max_steps=max_steps, progress=True, overwrite=True,
+                                  quality=False)
+        print(f"{site_cfg.name}: generator {preset} trained to step {summary.get('step')} in "
+              f"{time.monotonic() - t0:.0f} s")
+
+
 def run(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
@@ -223,6 +241,10 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--task", choices=("denoise", "sr"), required=True)
+    g = sub.add_parser("generators")
+    g.add_argument("--task", choices=("denoise", "sr"), required=True)
+    g.add_argument("--preset", choices=("tiny", "cpu", "gpu"), default="tiny")
+    g.add_argument("--max-steps", type=int, default=None)
     r = sub.add_parser("run")
     r.add_argument("--task", choices=("denoise", "sr"), required=True)
     r.add_argument("--steps", type=int, default=0)
@@ -236,6 +258,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "build":
         build(args.task)
+    elif args.cmd == "generators":
+        generators(args.task, args.preset, args.max_steps)
     else:
         run(args)
 

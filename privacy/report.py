@@ -23,7 +23,7 @@ Pure numbers: the caller supplies pseudonyms, never raw identifiers.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,7 +73,7 @@ def privacy_report(
     distances: dict[str, np.ndarray],
     second: dict[str, np.ndarray],
     new_patient: dict[str, np.ndarray],
-    nearest_patients: dict[str, Sequence[str]],
+    nearest_patients: Mapping[str, Sequence[str]],
 ) -> dict[str, Any]:
     """Per metric: accepted distance quantiles, DCR score, NNDR quantiles, exposure."""
     out: dict[str, Any] = {}

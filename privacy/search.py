@@ -42,7 +42,8 @@ exceeds the true ``|v - r|^2``.
 ``LB_safe^2`` by one GEMM; for each query the ``m`` references of smallest bound are evaluated
 exactly, which gives an upper bound ``U`` on its k-th nearest distance (with the k best found
 in earlier chunks); every pair with ``LB_safe^2 < U`` is then evaluated exactly, every other
-pair is skipped -- proven not closer than ``U``. The k best distinct references (minimum over
+pair is skipped -- proven not closer than ``U``. Candidates are evaluated in waves, smallest
+bounds first, and ``U`` is tightened after each wave. The k best distinct references (minimum over
 a reference's variants) are kept. The distances equal brute force's bit for bit; on an exact
 tie between two references the index reported may be either.
 
@@ -148,6 +149,17 @@ def _principal_axes(sample: np.ndarray, k: int, rng: np.random.Generator) -> np.
     return basis
 
 
+def _rank_in_groups(groups: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal values (``groups`` sorted)."""
+    if groups.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.ones(groups.size, dtype=bool)
+    starts[1:] = groups[1:] != groups[:-1]
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(groups.size), 0))
+    out: np.ndarray = np.arange(groups.size) - group_start
+    return out
+
+
 class _Top:
     """Running k best distinct references per query (squared distance, index, variant)."""
 
@@ -179,10 +191,7 @@ class _Top:
         # k smallest per query, ties broken by reference index.
         order = np.lexsort((rs, sq, qs))
         qs, rs, ts, sq = qs[order], rs[order], ts[order], sq[order]
-        starts = np.ones(qs.size, dtype=bool)
-        starts[1:] = qs[1:] != qs[:-1]
-        group_start = np.maximum.accumulate(np.where(starts, np.arange(qs.size), 0))
-        rank = np.arange(qs.size) - group_start
+        rank = _rank_in_groups(qs)
         keep = rank < self.k
         qs, rs, ts, sq, rank = qs[keep], rs[keep], ts[keep], sq[keep], rank[keep]
         touched = np.unique(qs)
@@ -303,11 +312,23 @@ class ExactIndex:
                 bound = top.kth(np.arange(q0, q1)).astype(np.float64)
                 bound32 = np.nextafter(bound.astype(np.float32), np.float32(np.inf))
                 cq, ct, cr = np.nonzero(lb3 < bound32[:, None, None])
-                if cq.size:
-                    # Exact filter in float64 (the float32 bound was rounded up).
-                    keep = lb3[cq, ct, cr].astype(np.float64) < bound[cq]
-                    cq, ct, cr = cq[keep], ct[keep], cr[keep]
-                    self._evaluate(var, top, evaluated, cq + q0, ct, cr + n0)
+                vals = lb3[cq, ct, cr].astype(np.float64)
+                keep = vals < bound[cq]  # exact filter (the float32 bound was rounded up)
+                cq, ct, cr, vals = cq[keep], ct[keep], cr[keep], vals[keep]
+                order = np.lexsort((vals, cq))
+                cq, ct, cr, vals = cq[order], ct[order], cr[order], vals[order]
+                wave = 16
+                while cq.size:
+                    # Per query, the `wave` pairs of smallest bound first; then re-filter the
+                    # rest against the tightened k-th best.
+                    rank = _rank_in_groups(cq)
+                    first = rank < wave
+                    self._evaluate(var, top, evaluated, cq[first] + q0, ct[first], cr[first] + n0)
+                    rest = ~first
+                    cq, ct, cr, vals = cq[rest], ct[rest], cr[rest], vals[rest]
+                    keep = vals < top.kth(cq + q0)
+                    cq, ct, cr, vals = cq[keep], ct[keep], cr[keep], vals[keep]
+                    wave *= 4
         return Nearest(
             sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated
         )

@@ -71,6 +71,13 @@ def test_tiny_comparison_runs_every_arm_end_to_end(homes: list[Path], tmp_path: 
     assert page.count("data:image/png;base64,") == 2
     assert not re.search(r'src="(?!data:)', page)  # self-contained
     assert json.loads((out / "results.json").read_text())["arms_run"] == results["arms_run"]
+    # run again into the same folder: every trained arm is reused, the numbers are identical
+    again = run_comparison(config, out, synthetic_source=stand_in_synthetic("CT"),
+                           synthetic_label="stand-in phantoms (test only, not guarded)",
+                           progress=False)
+    assert all(again["timings_s"][a].get("reused") == 1.0 for a in ("S", "R", "L", "F"))
+    assert again["per_image"] == results["per_image"]
+    assert "model reused from an earlier run" in (out / "report.md").read_text()
 
 
 def test_arm_s_without_a_generator_is_reported_missing_not_faked(
@@ -127,3 +134,27 @@ def test_cli_compare_json(
         run_app(app, ["compare", "--config", str(tmp_path / "none.yaml")])
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith("error: comparison config not found (")
+
+
+def test_config_overrides_reach_the_training_settings(homes: list[Path], tmp_path: Path) -> None:
+    from coordinator.restore.compare import _settings
+
+    config = load_compare_config(write_config(
+        tmp_path, homes, net="dncnn", net_config={"batch_norm": False},
+        low_dose={"photons_per_ray": "1e5", "n_angles": 48.0}))
+    settings = _settings(config)
+    assert settings.net == "dncnn"
+    assert settings.net_config == {"features": 8, "depth": 4, "batch_norm": False}
+    assert settings.degradation["low_dose"]["photons_per_ray"] == 1e5
+    assert settings.degradation["low_dose"]["n_angles"] == 48
+    assert settings.steps == 6 and settings.batch_size == 4
+
+
+def test_bench_configs_load_and_name_real_sites() -> None:
+    from conftest import REPO
+
+    for name, task in (("compare_ct.yaml", "denoise"), ("compare_mr.yaml", "sr")):
+        config = load_compare_config(REPO / "bench" / name)
+        assert config.task == task and len(config.sites) == 3
+        assert config.synthetic.source == "guard"  # real guarded synthetic data, never a stand-in
+        assert config.margins == {"psnr_db": 0.5, "ssim": 0.01}

@@ -1,9 +1,9 @@
 """Whole rounds in Flower's simulation engine (Ray backend) with real node homes as SuperNodes.
 
 The first test runs the transport with sites that exported and approved ahead of the round (no
-model); the second is the full demo round: three sites built from demo/ (or, while demo/ is
-empty, from ../shared/data's three CT collections), tiny generators trained once per session,
-generate -> guard -> export -> scripted demo approval -> Flower -> verify -> pool.
+model); the second is the full demo round: three sites from demo/site-a, -b, -c, a tiny
+generator trained once per session, generate -> guard -> export -> scripted demo approval ->
+Flower -> verify -> pool.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from roundkit import fake_generate, make_coordinator, make_site, set_node_policy
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "demo"
-SHARED_CT = REPO.parent / "shared" / "data" / "ct"
 
 
 def _pool_matches_verified_bundles(coord, round_id):  # type: ignore[no-untyped-def]
@@ -71,52 +70,18 @@ def test_round_in_the_simulation_engine_delivers_every_approved_bundle(tmp_path:
 
 
 def _ct_sources() -> list[Path]:
-    demo_ct = sorted(p for p in (DEMO / "ct").glob("*") if p.is_dir()) if (
-        DEMO / "ct").is_dir() else []
-    if len(demo_ct) >= 3:
-        return demo_ct[:3]
-    if len(demo_ct) >= 1:
-        return (demo_ct * 3)[:3]
-    shared = sorted(p for p in SHARED_CT.glob("*") if p.is_dir()) if SHARED_CT.is_dir() else []
-    if len(shared) >= 3:
-        return shared[:3]
-    pytest.skip("no CT data: demo/ct is empty and ../shared/data/ct is absent")
-    return []
-
-
-def _clone_site(source: Path, dest: Path, name: str) -> Path:
-    """A second site with the same store and generator but its own identity (site key, name).
-
-    Training a tiny generator takes minutes on a shared 2-core machine; the round under test
-    does not care whether two sites learnt the same images, only that each signs as itself.
-    """
-    import shutil
-
-    import yaml
-
-    from protocols.audit import append_audit
-    from protocols.keys import generate_keypair, write_keypair
-
-    shutil.copytree(source, dest)
-    keys = dest / "keys"
-    (keys / "site.ed25519").unlink()
-    (keys / "site.pub").unlink()
-    key = generate_keypair()
-    write_keypair(key, keys / "site.ed25519", keys / "site.pub")
-    data = yaml.safe_load((dest / "node.yaml").read_text())
-    data["site"] = name
-    (dest / "node.yaml").write_text(yaml.safe_dump(data))
-    append_audit(dest / "audit.jsonl", "key_created", {"role": "site", "keyid": key.public.keyid})
-    return dest
+    """demo/site-a, site-b, site-c: the three CT sites of `make demo`."""
+    sources = [DEMO / name for name in ("site-a", "site-b", "site-c")]
+    missing = [str(p) for p in sources if not p.is_dir()]
+    if missing:
+        pytest.skip(f"demo CT sites missing: {', '.join(missing)}")
+    return sources
 
 
 @pytest.fixture(scope="session")
 def trained_sites(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """Three node homes with ingested CT and a tiny generator (trained once per session).
-
-    With SYNTHFED_TEST_TRAIN_EVERY_SITE=1 each site ingests its own collection and trains its
-    own generator; by default one site trains and two clones get their own identities.
-    """
+    """Three node homes, each with its demo CT ingested and a tiny generator (once per session;
+    about 25 s of training per site on this 2-core machine)."""
     for module, why in (("node.guard.run", "the guard's generate (contract B)"),
                         ("node.generator.sampling", "the generator (contract A)"),
                         ("node.ingest.pipeline", "ingest")):
@@ -130,13 +95,9 @@ def trained_sites(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     from node.ingest.pipeline import ingest_sources
 
     root = tmp_path_factory.mktemp("sites")
-    every = os.environ.get("SYNTHFED_TEST_TRAIN_EVERY_SITE") == "1"
     sources = _ct_sources()
     homes, timings = [], {}
     for i, name in enumerate(("site-a", "site-b", "site-c")):
-        if i > 0 and not every:
-            homes.append(_clone_site(homes[0], root / name, name))
-            continue
         paths = init_home(root / name, name)
         set_node_policy(paths, modalities_offered=["CT"])
         data = yaml.safe_load(paths.config.read_text())

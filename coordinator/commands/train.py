@@ -61,6 +61,10 @@ def register(app: typer.Typer) -> None:
             pool_dir, task, name, out_dir, preset=preset, resume=resume, overwrite=overwrite,
             steps=steps, seed=seed, device=device, progress=not json_out,
         )
+        import os
+
+        if os.environ.get("RANK", "0") != "0":
+            return  # under torchrun only rank 0 records and reports
         if summary.get("model_digest"):
             append_audit(paths.audit, "restore_model_trained", {
                 "round": pool, "task": task, "net": name, "preset": preset,

@@ -23,6 +23,7 @@ the only place a real image is rendered, and it stays in the local report folder
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from protocols.errors import ConfigError, OperationError, UsageError
+from protocols.files import atomic_write_bytes
 from protocols.typed import load_yaml_config, setting, to_dict
 
 __all__ = [
@@ -106,6 +108,9 @@ class CompareConfig:
         {"psnr_db": 0.5, "ssim": 0.01}, "TOST equivalence margins per metric"
     )
     examples_per_site: int = setting(1, "holdout slices per site in the example figure")
+    reuse_models: bool = setting(
+        True, "reuse an arm's model from <out>/models when settings and training data match"
+    )
     out: str = setting("", "report folder (the command's --out overrides)")
 
     def __post_init__(self) -> None:
@@ -284,42 +289,91 @@ def run_comparison(
         inputs, targets, _, _ = make_pairs(images, degradation, norm, seed=config.train_seed)
         return inputs, targets
 
-    def train_arm(arm: str, label: str, images: np.ndarray, extra: dict[str, Any]) -> bytes:
+    model_dir = out_dir / "models"
+    wanted_settings = json.loads(json.dumps(asdict(settings)))
+
+    def reusable(name: str, digest: str) -> bytes | None:
+        """A model of this arm from an earlier run with the same settings and data."""
+        path = model_dir / f"{name}.pt"
+        if not config.reuse_models or not path.is_file():
+            return None
+        blob = path.read_bytes()
+        try:
+            _, info = load_model(blob, str(path))
+        except UsageError:
+            return None
+        train = dict(info.get("train", {}))
+        same = all(train.get(k) == v for k, v in wanted_settings.items() if k in train)
+        same = same and info["net_config"] == wanted_settings["net_config"]
+        same = same and info["degradation"] == wanted_settings["degradation"]
+        if not same or info.get("data", {}).get("data_digest") != digest:
+            return None
+        return blob
+
+    def keep(name: str, blob: bytes) -> bytes:
+        atomic_write_bytes(model_dir / f"{name}.pt", blob)
+        return blob
+
+    def train_arm(arm: str, label: str, images: np.ndarray, extra: dict[str, Any],
+                  name: str) -> bytes:
+        digest = data_digest(images)
+        entry = timings.setdefault(arm, {"degrade_s": 0.0, "train_s": 0.0, "evaluate_s": 0.0})
+        old = reusable(name, digest)
+        if old is not None:
+            _say(progress, f"arm {label}: reusing {model_dir / (name + '.pt')}")
+            _, info = load_model(old)
+            entry["train_s"] += float(info["train"].get("wall_s", 0.0))
+            entry["reused"] = 1.0
+            return old
         t0 = time.monotonic()
         inputs, targets = pairs_of(images)
         t1 = time.monotonic()
         _say(progress, f"arm {label}: training on {images.shape[0]} images")
         net, summary = train_network(inputs, targets, settings, None, progress=progress)
         t2 = time.monotonic()
-        entry = timings.setdefault(arm, {"degrade_s": 0.0, "train_s": 0.0, "evaluate_s": 0.0})
         entry["degrade_s"] += t1 - t0
         entry["train_s"] += t2 - t1
-        extra = {**extra, "n_images": int(images.shape[0]), "data_digest": data_digest(images)}
-        return model_bytes(net, settings, summary, extra)
+        extra = {**extra, "n_images": int(images.shape[0]), "data_digest": digest}
+        return keep(name, model_bytes(net, settings, summary, extra))
 
     # ---- train -------------------------------------------------------------------------
     if "R" in arms:
         pooled = np.concatenate([s.train for s in sites])
-        models["R"] = {"*": train_arm("R", "R (pooled real)", pooled, {"arm": "R"})}
+        models["R"] = {"*": train_arm("R", "R (pooled real)", pooled, {"arm": "R"}, "R")}
     if "L" in arms:
         models["L"] = {
-            s.name: train_arm("L", f"L ({s.name} alone)", s.train, {"arm": "L", "site": s.name})
+            s.name: train_arm("L", f"L ({s.name} alone)", s.train,
+                              {"arm": "L", "site": s.name}, f"L-{s.name}")
             for s in sites
         }
     if "F" in arms:
-        t0 = time.monotonic()
-        site_pairs = [pairs_of(s.train) for s in sites]
-        t1 = time.monotonic()
-        net, fed_summary = train_fedavg(
-            site_pairs, settings, out_dir / "fedavg-work", rounds=config.fedavg.rounds,
-            budget=config.fedavg.budget, progress=progress,
-        )
-        for f in (out_dir / "fedavg-work").glob("site-*.npz"):
-            f.unlink()  # real training pairs do not stay in the report folder
-        timings["F"] = {"degrade_s": t1 - t0, "train_s": time.monotonic() - t1,
-                        "evaluate_s": 0.0}
-        provenance["F"] = fed_summary
-        models["F"] = {"*": model_bytes(net, settings, fed_summary, {"arm": "F"})}
+        fed_digest = data_digest(np.concatenate([s.train for s in sites]))
+        fed_old = reusable(f"F-{config.fedavg.budget}-{config.fedavg.rounds}", fed_digest)
+        if fed_old is not None:
+            _, info = load_model(fed_old)
+            provenance["F"] = {k: info["train"][k] for k in (
+                "rounds", "local_steps", "sites", "budget", "total_steps", "steps_per_site",
+                "wall_s", "engine") if k in info["train"]}
+            timings["F"] = {"degrade_s": 0.0, "train_s": float(info["train"].get("wall_s", 0)),
+                            "evaluate_s": 0.0, "reused": 1.0}
+            models["F"] = {"*": fed_old}
+        else:
+            t0 = time.monotonic()
+            site_pairs = [pairs_of(s.train) for s in sites]
+            t1 = time.monotonic()
+            net, fed_summary = train_fedavg(
+                site_pairs, settings, out_dir / "fedavg-work", rounds=config.fedavg.rounds,
+                budget=config.fedavg.budget, progress=progress,
+            )
+            for f in (out_dir / "fedavg-work").glob("site-*.npz"):
+                f.unlink()  # real training pairs do not stay in the report folder
+            timings["F"] = {"degrade_s": t1 - t0, "train_s": time.monotonic() - t1,
+                            "evaluate_s": 0.0}
+            provenance["F"] = fed_summary
+            models["F"] = {"*": keep(
+                f"F-{config.fedavg.budget}-{config.fedavg.rounds}",
+                model_bytes(net, settings, fed_summary, {"arm": "F", "data_digest": fed_digest}),
+            )}
     if "S" in arms:
         source = synthetic_source
         label = synthetic_label
@@ -356,7 +410,7 @@ def run_comparison(
                 gen_s = time.monotonic() - t0
                 provenance["S"] = {"label": label, "sites": infos}
                 models["S"] = {"*": train_arm("S", "S (pooled synthetic)",
-                                              np.concatenate(parts), {"arm": "S"})}
+                                              np.concatenate(parts), {"arm": "S"}, "S")}
                 timings["S"]["generate_s"] = gen_s
 
     # ---- evaluate at each site (contract E) ----------------------------------------------

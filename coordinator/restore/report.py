@@ -180,7 +180,8 @@ def markdown_report(results: dict[str, Any], figures: dict[str, str]) -> str:
               "| arm | make pairs | generate (S) | train | evaluate |",
               "| --- | ---: | ---: | ---: | ---: |"]
     for arm, t in results["timings_s"].items():
-        lines.append(f"| {arm} | {t.get('degrade_s', 0)} | {t.get('generate_s', '')} | "
+        label = f"{arm} (model reused from an earlier run)" if t.get("reused") else arm
+        lines.append(f"| {label} | {t.get('degrade_s', 0)} | {t.get('generate_s', '')} | "
                      f"{t.get('train_s', 0)} | {t.get('evaluate_s', 0)} |")
     if figures:
         lines += ["", "## Figures", ""]

@@ -487,6 +487,9 @@ def train_generator(
         f"{cfg.ae_steps} + {cfg.diffusion_steps}, from step {run.step}",
         echo,
     )
+    if state is not None:
+        log.say("resuming with the checkpoint's own config (node.yaml and --preset are not"
+                " re-read)", echo and preset is not None)
     stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     last_ckpt_digest = loaded_digest if state is not None else ""
     last_ckpt_step = run.step if state is not None else -1

@@ -1,0 +1,275 @@
+"""Calibrating the guard at a site and keeping the result in ``<home>/guard/``.
+
+``guard/calibration.json`` holds, per modality, the calibration method, the thresholds and the
+figures (quantiles of new-patient and neighbouring-slice distances), plus the digest of its
+inputs (which slices, which settings, which floors); ``guard/calibration.npz`` the raw
+new-patient distances (numbers only, for the DCR score of later runs); ``guard/encoder.npz``
+and ``guard/encoder.json`` the embedding metric's weights with their config, training summary
+and the digest of the train slices they saw. A later run reuses all of it when the digest still
+matches, and recalibrates otherwise. Every file is written atomically through
+``protocols.files``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from node.config import NodeConfig, NodePaths
+from node.guard.reference import GuardReference, load_reference
+from node.guard.settings import GuardSettings
+from privacy.calibrate import calibrate_thresholds, make_folds
+from privacy.errors import GuardError
+from privacy.guard import Guard
+from privacy.metrics import EmbeddingDistance, Metric, PixelRMSE, ShiftFlipDistance
+from protocols.files import atomic_write_bytes, atomic_write_json, canonical_json, sha256_hex
+from protocols.typed import to_dict
+
+__all__ = ["GuardState", "prepare_guard", "build_metrics", "CALIBRATION_VERSION"]
+
+CALIBRATION_VERSION = 1
+
+
+@dataclass
+class GuardState:
+    reference: GuardReference
+    settings: GuardSettings
+    calibration: dict[str, Any]
+    new_patient: dict[str, dict[str, np.ndarray]]  # modality -> metric -> distances
+    metrics: list[Metric]
+    _guards: dict[str, Guard] = field(default_factory=dict)
+
+    def thresholds(self, modality: str) -> dict[str, float]:
+        if modality not in self.calibration["modalities"]:
+            raise GuardError(
+                f"no calibration for modality {modality}; the store holds "
+                f"{', '.join(sorted(self.calibration['modalities']))}",
+                "modality",
+                2,
+            )
+        return dict(self.calibration["modalities"][modality]["thresholds"])
+
+    def guard(self, modality: str) -> Guard:
+        """The guard of ``modality``: its thresholds over *every* real slice of the site."""
+        if modality not in self._guards:
+            self._guards[modality] = Guard(
+                self.metrics,
+                self.reference.images,
+                self.thresholds(modality),
+                n_components=self.settings.pca_components,
+            )
+        return self._guards[modality]
+
+    def manifest_section(self, modality: str) -> dict[str, Any]:
+        """What the manifest may say about the calibration (numbers only)."""
+        cal = self.calibration["modalities"][modality]
+        return {
+            "method": cal["method"],
+            "n_queries": cal["n_queries"],
+            "quantile": self.settings.threshold_quantile,
+            "metrics": cal["metrics"],
+            "inputs_digest": self.calibration["inputs_digest"],
+        }
+
+
+def build_metrics(
+    settings: GuardSettings, embed: Callable[[np.ndarray], np.ndarray] | None, info: dict[str, Any]
+) -> list[Metric]:
+    out: list[Metric] = []
+    for name in settings.metrics:
+        if name == "pixel_rmse":
+            out.append(PixelRMSE())
+        elif name == "shift_flip":
+            out.append(ShiftFlipDistance(settings.max_shift_px))
+        elif name == "embedding":
+            if embed is None:
+                raise GuardError("embedding metric without an encoder", "guard", 1)
+            out.append(EmbeddingDistance(embed, info))
+    return out
+
+
+def _inputs_digest(reference: GuardReference, config: NodeConfig) -> str:
+    return sha256_hex(
+        canonical_json(
+            {
+                "version": CALIBRATION_VERSION,
+                "reference": reference.digest,
+                "guard": to_dict(config.guard),
+                "floors": dict(config.policy.guard_floor),
+                "image_size": int(reference.images.shape[1]),
+            }
+        )
+    )
+
+
+def _encoder(
+    paths: NodePaths,
+    config: NodeConfig,
+    reference: GuardReference,
+    digest: str,
+    progress: bool,
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    from privacy.encoder import EncoderConfig, make_embedder, train_encoder
+
+    settings = config.guard
+    weights_path = paths.guard / "encoder.npz"
+    meta_path = paths.guard / "encoder.json"
+    if weights_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("inputs_digest") == digest:
+            enc_cfg = EncoderConfig.from_dict(meta["config"])
+            with np.load(weights_path, allow_pickle=False) as data:
+                state = {k: data[k] for k in data.files}
+            return make_embedder(state, enc_cfg), meta
+    enc_cfg = EncoderConfig(
+        image_size=int(reference.images.shape[1]),
+        embed_dim=settings.encoder_embed_dim,
+        steps=settings.encoder_steps,
+        batch_size=settings.encoder_batch_size,
+        seed=settings.encoder_seed,
+    )
+    train_rows = reference.rows(split="train")
+    if train_rows.size < 2:
+        train_rows = np.arange(len(reference.records))
+    with _progress(progress, "training guard encoder", enc_cfg.steps) as tick:
+        state, info = train_encoder(reference.images[train_rows], enc_cfg, progress=tick)
+    blob = _npz_bytes(state)
+    atomic_write_bytes(weights_path, blob)
+    meta = {
+        "config": enc_cfg.to_dict(),
+        "training": info,
+        "inputs_digest": digest,
+        "weights_sha256": sha256_hex(blob),
+    }
+    atomic_write_json(meta_path, meta)
+    return make_embedder(state, enc_cfg), meta
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+class _progress:
+    """A rich progress bar on stderr (or nothing); yields a ``tick(done, total)`` callback."""
+
+    def __init__(self, enabled: bool, label: str, total: int) -> None:
+        self.enabled, self.label, self.total = enabled, label, total
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self._bar = Progress(console=Console(stderr=True), transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+
+        def tick(done: int, total: int) -> None:
+            self._bar.update(task, completed=done, total=total)
+
+        return tick
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _neighbour_pairs(
+    reference: GuardReference, rows: np.ndarray, limit: int, seed: int
+) -> np.ndarray:
+    by_series: dict[str, list[int]] = {}
+    for local, row in enumerate(rows.tolist()):
+        by_series.setdefault(reference.records[row].series, []).append(local)
+    pairs: list[tuple[int, int]] = []
+    for members in by_series.values():
+        ordered = sorted(members, key=lambda i: (reference.records[rows[i]].position, i))
+        pairs.extend(zip(ordered[:-1], ordered[1:], strict=True))
+    if not pairs or limit <= 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    arr = np.asarray(pairs, dtype=np.int64)
+    if len(arr) > limit:
+        pick = np.sort(np.random.default_rng(seed).choice(len(arr), size=limit, replace=False))
+        arr = arr[pick]
+    return arr
+
+
+def prepare_guard(
+    paths: NodePaths, config: NodeConfig, progress: bool = False, recalibrate: bool = False
+) -> GuardState:
+    """Load the reference and a calibration matching it (calibrating when needed)."""
+    settings = config.guard
+    reference = load_reference(paths)
+    digest = _inputs_digest(reference, config)
+    embed: Callable[[np.ndarray], np.ndarray] | None = None
+    enc_meta: dict[str, Any] = {}
+    if "embedding" in settings.metrics:
+        embed, enc_meta = _encoder(paths, config, reference, digest, progress)
+    enc_info = {
+        "encoder_sha256": enc_meta.get("weights_sha256"),
+        "encoder_config": enc_meta.get("config"),
+    }
+    metrics = build_metrics(settings, embed, enc_info if embed else {})
+    cal_path = paths.guard / "calibration.json"
+    npz_path = paths.guard / "calibration.npz"
+    if not recalibrate and cal_path.exists() and npz_path.exists():
+        doc = json.loads(cal_path.read_text(encoding="utf-8"))
+        if doc.get("inputs_digest") == digest:
+            with np.load(npz_path, allow_pickle=False) as data:
+                new_patient: dict[str, dict[str, np.ndarray]] = {}
+                for key in data.files:
+                    modality, metric = key.split("/", 1)
+                    new_patient.setdefault(modality, {})[metric] = data[key]
+            return GuardState(reference, settings, doc, new_patient, metrics)
+    modalities: dict[str, Any] = {}
+    new_patient = {}
+    for modality in reference.modalities:
+        rows = reference.rows(modality=modality)
+        recs = [reference.records[i] for i in rows.tolist()]
+        method, folds = make_folds(
+            [r.patient for r in recs],
+            [r.split for r in recs],
+            [r.series for r in recs],
+            [r.position for r in recs],
+            k=settings.calibration_folds,
+            gap=settings.slab_gap,
+        )
+        pairs = _neighbour_pairs(reference, rows, settings.neighbour_pairs, settings.encoder_seed)
+        cal = calibrate_thresholds(
+            metrics,
+            reference.images[rows],
+            folds,
+            method,
+            settings.threshold_quantile,
+            floors=dict(config.policy.guard_floor),
+            neighbour_pairs=pairs,
+            n_components=settings.pca_components,
+        )
+        modalities[modality] = cal.to_dict()
+        new_patient[modality] = cal.distances
+    doc = {
+        "version": CALIBRATION_VERSION,
+        "inputs_digest": digest,
+        "reference_slices": len(reference.records),
+        "image_size": int(reference.images.shape[1]),
+        "settings": to_dict(settings),
+        "floors": dict(config.policy.guard_floor),
+        "encoder": enc_info,
+        "modalities": modalities,
+    }
+    atomic_write_bytes(
+        npz_path,
+        _npz_bytes(
+            {f"{mod}/{met}": d for mod, per in new_patient.items() for met, d in per.items()}
+        ),
+    )
+    atomic_write_json(cal_path, doc)
+    return GuardState(reference, settings, doc, new_patient, metrics)

@@ -1,0 +1,64 @@
+"""The run report's pictures: distance histograms with threshold lines, and an HTML page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+__all__ = ["distance_histograms_png", "report_html"]
+
+
+def distance_histograms_png(
+    candidates: dict[str, np.ndarray],
+    new_patient: dict[str, np.ndarray],
+    thresholds: dict[str, float],
+    canaries: dict[str, np.ndarray] | None = None,
+) -> bytes:
+    """One panel per metric: candidates, canaries and new-patient distances; threshold line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(thresholds)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        series = [
+            ("candidates", candidates.get(name), "tab:blue"),
+            ("canaries", (canaries or {}).get(name), "tab:red"),
+            ("new patients (calibration)", new_patient.get(name), "tab:green"),
+        ]
+        values = [np.asarray(v, dtype=float) for _, v, _ in series if v is not None and len(v)]
+        top = max([float(v.max()) for v in values] + [thresholds[name] * 1.5])
+        bins = np.linspace(0.0, top * 1.05, 40)
+        for label, v, colour in series:
+            if v is not None and len(v):
+                ax.hist(np.asarray(v, dtype=float), bins=bins, alpha=0.5, label=label,
+                        color=colour, density=True)
+        ax.axvline(thresholds[name], color="black", linestyle="--", label="threshold")
+        ax.set_title(name)
+        ax.set_xlabel("distance to nearest real slice")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def report_html(title: str, report: dict[str, Any], png: bytes) -> str:
+    """A self-contained page: the histogram PNG inline and the report as JSON."""
+    image = base64.b64encode(png).decode("ascii")
+    body = html.escape(json.dumps(report, indent=2, sort_keys=True, default=str))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        f"<img alt='distance histograms' src='data:image/png;base64,{image}'>"
+        f"<pre>{body}</pre></body></html>\n"
+    )
