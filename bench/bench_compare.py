@@ -3,6 +3,7 @@
     python bench/bench_compare.py build --task denoise|sr      # site homes via node.ingest
     python bench/bench_compare.py generators --task denoise|sr [--preset tiny|cpu]
         [--max-steps N]                                         # each site's own generator
+    python bench/bench_compare.py synth --task denoise|sr [--count N]   # arm S's guarded data
     python bench/bench_compare.py run --task denoise|sr [--steps N] [--batch-size N]
         [--arms S,R,L,F,0] [--synthetic guard|none] [--preset cpu|tiny] [--no-record]
 
@@ -138,6 +139,59 @@ def generators(task: str, preset: str, max_steps: int | None) -> None:
               f"{time.monotonic() - t0:.0f} s")
 
 
+def _synthetic_dir(task: str) -> Path:
+    return REPO / "bench" / "out" / "compare" / ("ct" if task == "denoise" else "mr") / "synthetic"
+
+
+def synth(task: str, count: int, seed: int) -> None:
+    """Arm S's data, made ahead of the run: generate_and_screen at each site (real guard),
+    the accepted images cached in bench/out (they are synthetic, guard-accepted)."""
+    import json
+
+    import numpy as np
+
+    from coordinator.restore.compare import _load_site, guarded_synthetic_source
+    from protocols.files import atomic_write_bytes, atomic_write_json
+
+    config = _load(task)
+    out = _synthetic_dir(task)
+    for site_cfg in config.sites:
+        target = out / f"{site_cfg.name}.npy"
+        if target.exists():
+            print(f"{site_cfg.name}: cached {target}")
+            continue
+        from dataclasses import replace
+
+        site = _load_site(replace(site_cfg, home=str(REPO / site_cfg.home)), config.modality)
+        n = count or int(site.train.shape[0])
+        t0 = time.monotonic()
+        images, info = guarded_synthetic_source(site, n, seed)
+        info["wall_s"] = round(time.monotonic() - t0, 1)
+        info["seed"] = seed
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, images.astype(np.float32), allow_pickle=False)
+        atomic_write_json(out / f"{site_cfg.name}.json", json.loads(json.dumps(info, default=str)))
+        atomic_write_bytes(target, buffer.getvalue())
+        print(f"{site_cfg.name}: {images.shape[0]} guard-accepted images in {info['wall_s']} s")
+
+
+def _cached_source(task: str):  # type: ignore[no-untyped-def]
+    import json
+
+    import numpy as np
+
+    folder = _synthetic_dir(task)
+
+    def source(site, count, seed):  # type: ignore[no-untyped-def]
+        images = np.load(folder / f"{site.name}.npy")
+        info = json.loads((folder / f"{site.name}.json").read_text())
+        return images[:count] if count else images, info
+
+    return source
+
+
 def run(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
@@ -160,8 +214,17 @@ def run(args: argparse.Namespace) -> None:
     config = replace(config, **overrides)
     config.sites = [replace(s, home=str(REPO / s.home)) for s in config.sites]
     out = REPO / (args.out or config.out)
+    source, label = None, None
+    names = [s.name for s in config.sites]
+    cached = all((_synthetic_dir(args.task) / f"{n}.npy").exists() for n in names)
+    if "S" in config.arms and config.synthetic.source == "guard" and cached:
+        source = _cached_source(args.task)
+        label = ("guard-accepted synthetic images from node.guard.run.generate_and_screen at "
+                 "each site with the site's own generator, made ahead by `bench_compare.py "
+                 f"synth` and read from {_synthetic_dir(args.task).relative_to(REPO)}")
     t0 = time.monotonic()
-    results = run_comparison(config, out, progress=True)
+    results = run_comparison(config, out, progress=True, synthetic_source=source,
+                             synthetic_label=label)
     wall = time.monotonic() - t0
     if args.no_record:
         print(f"done in {wall:.0f} s (not recorded): {out / 'report.md'}")
@@ -230,7 +293,13 @@ def record(args, config, results, out: Path, wall: float) -> None:  # type: igno
     for arm, note in results["notes"].items():
         lines.append(f"\nArm {arm}: {note}")
     if "S" in results["provenance"]:
-        lines.append(f"\nArm S data: {results['provenance']['S']['label']}.")
+        prov = results["provenance"]["S"]
+        counts = ", ".join(
+            f"{site}: {info.get('accepted')} accepted of {info.get('candidates_tried')} tried "
+            f"(generator preset {info.get('generator', {}).get('preset', '?')}, "
+            f"{info.get('generator', {}).get('steps', '?')} steps)"
+            for site, info in prov["sites"].items())
+        lines.append(f"\nArm S data: {prov['label']}. Per site: {counts}.")
     with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -245,6 +314,10 @@ def main() -> None:
     g.add_argument("--task", choices=("denoise", "sr"), required=True)
     g.add_argument("--preset", choices=("tiny", "cpu", "gpu"), default="tiny")
     g.add_argument("--max-steps", type=int, default=None)
+    y = sub.add_parser("synth")
+    y.add_argument("--task", choices=("denoise", "sr"), required=True)
+    y.add_argument("--count", type=int, default=0, help="per site; 0 = its train count")
+    y.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run")
     r.add_argument("--task", choices=("denoise", "sr"), required=True)
     r.add_argument("--steps", type=int, default=0)
@@ -260,6 +333,8 @@ def main() -> None:
         build(args.task)
     elif args.cmd == "generators":
         generators(args.task, args.preset, args.max_steps)
+    elif args.cmd == "synth":
+        synth(args.task, args.count, args.seed)
     else:
         run(args)
 

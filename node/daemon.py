@@ -54,21 +54,23 @@ class DaemonReply:
 
 
 def _default_generate(paths: NodePaths, config: NodeConfig, count: int, seed: int,
-                      round_id: str, nonce: str, demo_auto_approved: bool = False) -> Path:
+                      round_id: str, nonce: str, *, modality: str | None = None,
+                      demo_auto_approved: bool = False) -> Path:
     """Contract B's generate; with the demo switch, its two steps so the manifest says so."""
     if not demo_auto_approved:
         from node.guard.run import generate
 
-        return Path(generate(paths, config, count, seed=seed, round_id=round_id, nonce=nonce))
+        return Path(generate(paths, config, count, seed=seed, round_id=round_id, nonce=nonce,
+                             progress=False, modality=modality))
     from node.export import export_bundle
     from node.guard.run import generate_and_screen
 
     run = generate_and_screen(paths, config, count, seed=seed, round_id=round_id, nonce=nonce,
-                              progress=False)
+                              progress=False, modality=modality)
     return Path(export_bundle(paths, config, run.images_physical, modality=run.modality,
-                         unit=run.unit, distances=run.distances, guard=run.report,
-                         generator=run.generator, round_id=round_id, nonce=nonce,
-                         demo_auto_approved=True))
+                              unit=run.unit, distances=run.distances, guard=run.report,
+                              generator=run.generator, round_id=round_id, nonce=nonce,
+                              pixel_spacing_mm=run.pixel_spacing_mm, demo_auto_approved=True))
 
 
 def own_trust(paths: NodePaths, config: NodeConfig) -> Any:
@@ -222,6 +224,7 @@ def _advance(
             try:
                 bundle_dir = generate_fn(paths, config, record.count, record.seed,
                                          record.round_id, record.nonce,
+                                         modality=record.modality,
                                          demo_auto_approved=auto_approve_key is not None)
             except Exception as exc:  # recorded as the round's failure reason, and audited
                 # Only an expected error's one-line reason leaves the node; anything else is

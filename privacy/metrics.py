@@ -14,7 +14,9 @@ query to its ``t``-th variant (``query_variants``, shape [Q, T, F]). An image is
 * :class:`ShiftFlipDistance` -- template matching with a margin ``s = max_shift_px``: the
   reference's central window ``r[s:H-s, s:W-s]`` is compared (RMSE) with every equally sized
   window ``q'[s+dy : H-s+dy, s+dx : W-s+dx]`` of the query ``q' = q`` or its horizontal mirror
-  ``q' = q[:, ::-1]``, for every integer ``|dy|, |dx| <= s``; the distance is the minimum.
+  ``q' = q[:, ::-1]``, optionally rotated about its centre by each angle of
+  ``rotations_deg`` (bilinear, :func:`rotate_images`), for every integer
+  ``|dy|, |dx| <= s``; the distance is the minimum over all these variants.
   Every variant lies wholly inside the query, so no fill value is ever compared: a copy of a
   real slice moved by up to ``s`` pixels (whatever fills its uncovered border) and/or mirrored
   is at distance exactly 0 from its original. The reference feature is fixed (the central
@@ -46,6 +48,7 @@ __all__ = [
     "ShiftFlipDistance",
     "EmbeddingDistance",
     "check_images",
+    "rotate_images",
 ]
 
 FloatArray = NDArray[np.floating]
@@ -62,6 +65,16 @@ def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise GuardError("images hold NaN or infinite values", where, 2)
     return arr
+
+
+def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
+    """[N, H, W] rotated about the centre: bilinear, edge values outside (scipy.ndimage)."""
+    from scipy import ndimage
+
+    out: np.ndarray = ndimage.rotate(
+        images, degrees, axes=(2, 1), reshape=False, order=1, mode="nearest"
+    ).astype(np.float32)
+    return out
 
 
 class Metric(ABC):
@@ -120,26 +133,35 @@ class PixelRMSE(Metric):
 
 
 class ShiftFlipDistance(Metric):
-    """Minimum window RMSE over integer shifts up to ``max_shift_px`` and the mirror."""
+    """Minimum window RMSE over integer shifts, the mirror and a few small rotations."""
 
     name = "shift_flip"
 
-    def __init__(self, max_shift_px: int = 4, mirror: bool = True) -> None:
+    def __init__(
+        self,
+        max_shift_px: int = 4,
+        mirror: bool = True,
+        rotations_deg: tuple[float, ...] | list[float] = (0.0,),
+    ) -> None:
         if max_shift_px < 0:
             raise GuardError("max_shift_px must be >= 0", "guard.max_shift_px", 2)
+        angles = sorted({float(a) for a in rotations_deg} | {0.0}, key=lambda a: (abs(a), a))
+        if any(abs(a) > 45.0 for a in angles):
+            raise GuardError("rotations must be within 45 degrees", "guard.rotations_deg", 2)
         self.max_shift_px = int(max_shift_px)
         self.mirror = bool(mirror)
+        self.rotations_deg = tuple(angles)
         self.feature_space = f"pixels_window{self.max_shift_px}"
 
-    def transforms(self) -> list[tuple[bool, int, int]]:
-        """(mirrored, dy, dx) of every variant; the identity comes first."""
+    def transforms(self) -> list[tuple[bool, float, int, int]]:
+        """(mirrored, rotation in degrees, dy, dx) of every variant; the identity first."""
         s = self.max_shift_px
         shifts = sorted(
             ((dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)),
             key=lambda t: (abs(t[0]) + abs(t[1]), t),
         )
         flips = (False, True) if self.mirror else (False,)
-        return [(m, dy, dx) for m in flips for dy, dx in shifts]
+        return [(m, a, dy, dx) for m in flips for a in self.rotations_deg for dy, dx in shifts]
 
     def n_variants(self) -> int:
         return len(self.transforms())
@@ -171,9 +193,12 @@ class ShiftFlipDistance(Metric):
         wh, ww = self._window(arr.shape)
         s = self.max_shift_px
         out = np.empty((n, self.n_variants(), wh * ww), dtype=np.float32)
-        mirrored = arr[:, :, ::-1]
-        for t, (m, dy, dx) in enumerate(self.transforms()):
-            src = mirrored if m else arr
+        sources: dict[tuple[bool, float], np.ndarray] = {}
+        for t, (m, a, dy, dx) in enumerate(self.transforms()):
+            if (m, a) not in sources:
+                src = arr[:, :, ::-1] if m else arr
+                sources[(m, a)] = rotate_images(src, a) if a else src
+            src = sources[(m, a)]
             out[:, t] = src[:, s + dy : s + dy + wh, s + dx : s + dx + ww].reshape(n, -1)
         return out
 
@@ -182,7 +207,9 @@ class ShiftFlipDistance(Metric):
             "name": self.name,
             "max_shift_px": self.max_shift_px,
             "mirror": self.mirror,
-            "compared": "central window of the reference vs shifted windows of the query",
+            "rotations_deg": list(self.rotations_deg),
+            "compared": "central window of the reference vs shifted windows of the query "
+            "(mirrored, rotated)",
         }
 
 

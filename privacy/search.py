@@ -206,9 +206,9 @@ class _Top:
 class ExactIndex:
     """Reference rows plus their augmented projections; answers exact k-NN queries.
 
-    ``n_components``: principal axes kept (``k``, at most 512); when the feature dimension is
-    at most that, the identity basis is used. ``sample_size`` rows (seeded) estimate the mean
-    and the axes.
+    ``n_components``: principal axes kept (``k``, at most 512 and at most N - 1); when the
+    feature dimension is at most that, the identity basis is used. ``sample_size`` rows
+    (seeded) estimate the mean and the axes.
     """
 
     def __init__(
@@ -231,10 +231,13 @@ class ExactIndex:
         take = np.sort(rng.choice(n, size=min(n, sample_size), replace=False))
         sample = feats[take].astype(np.float64)
         self.mean = sample.mean(axis=0)
-        if f <= n_components:
+        # With k >= N - 1 the axes span every centred reference, so the bound is the distance
+        # itself (up to the slack) and only near-ties are evaluated exactly.
+        k = n_components
+        if f <= k:
             self.basis = np.eye(f, dtype=np.float64)
         else:
-            self.basis = _principal_axes(sample - self.mean, n_components, rng)
+            self.basis = _principal_axes(sample - self.mean, k, rng)
         self.chunk_rows = chunk_rows
         aug = np.empty((n, self.basis.shape[0] + 1), dtype=np.float32)
         norms = np.empty(n, dtype=np.float64)
@@ -344,10 +347,11 @@ class ExactIndex:
     ) -> None:
         t = var.shape[1]
         flat = var.reshape(-1, var.shape[2])
+        sq = np.empty(qs.size, dtype=np.float64)
         for start in range(0, qs.size, _EXACT_ROWS):
             sl = slice(start, start + _EXACT_ROWS)
-            sq = exact_pair_sq_distances(flat, qs[sl] * t + ts[sl], self.features, rs[sl])
-            top.merge(qs[sl], rs[sl], ts[sl], sq)
+            sq[sl] = exact_pair_sq_distances(flat, qs[sl] * t + ts[sl], self.features, rs[sl])
+        top.merge(qs, rs, ts, sq)
         np.add.at(evaluated, qs, 1)
 
 

@@ -57,7 +57,8 @@ def make_site(root: Path, name: str, coordinator: CoordinatorPaths | None,
 
 
 def fake_generate(paths: NodePaths, config: NodeConfig, count: int, seed: int, round_id: str,
-                  nonce: str, demo_auto_approved: bool = False) -> Path:
+                  nonce: str, *, modality: str | None = None,
+                  demo_auto_approved: bool = False) -> Path:
     """Random CT-like images exported for real (signed, bound to the round); no model."""
     from node.export import export_bundle
 

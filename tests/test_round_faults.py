@@ -210,7 +210,7 @@ import node.daemon
 from node.config import resolve_home
 from roundkit import fake_generate
 
-def slow_generate(paths, config, count, seed, round_id, nonce, demo_auto_approved=False):
+def slow_generate(paths, config, count, seed, round_id, nonce, **options):
     half = paths.outbox / ".tmp-half-written"
     half.mkdir(parents=True, exist_ok=True)
     (half / "images.npy").write_bytes(b"half")

@@ -189,7 +189,9 @@ def guarded_synthetic_source(
     info = {
         "source": "node.guard.run.generate_and_screen (guard-accepted synthetic images)",
         "accepted": int(images.shape[0]),
-        "candidates_tried": report.get("candidates", report.get("candidates_tried")),
+        "candidates_tried": report.get("candidates_tried"),
+        "acceptance_rate": report.get("acceptance_rate"),
+        "canary_catch_rates": report.get("canary_catch_rates"),
         "generator": {k: v for k, v in (run.generator or {}).items()
                       if isinstance(v, (str, int, float))},
     }

@@ -85,7 +85,9 @@ def build_metrics(
         if name == "pixel_rmse":
             out.append(PixelRMSE())
         elif name == "shift_flip":
-            out.append(ShiftFlipDistance(settings.max_shift_px))
+            out.append(
+                ShiftFlipDistance(settings.max_shift_px, rotations_deg=settings.rotations_deg)
+            )
         elif name == "embedding":
             if embed is None:
                 raise GuardError("embedding metric without an encoder", "guard", 1)
@@ -107,16 +109,32 @@ def _inputs_digest(reference: GuardReference, config: NodeConfig) -> str:
     )
 
 
+def _encoder_digest(reference: GuardReference, settings: GuardSettings) -> str:
+    return sha256_hex(
+        canonical_json(
+            {
+                "version": CALIBRATION_VERSION,
+                "reference": reference.digest,
+                "image_size": int(reference.images.shape[1]),
+                "steps": settings.encoder_steps,
+                "embed_dim": settings.encoder_embed_dim,
+                "batch_size": settings.encoder_batch_size,
+                "seed": settings.encoder_seed,
+            }
+        )
+    )
+
+
 def _encoder(
     paths: NodePaths,
     config: NodeConfig,
     reference: GuardReference,
-    digest: str,
     progress: bool,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
     from privacy.encoder import EncoderConfig, make_embedder, train_encoder
 
     settings = config.guard
+    digest = _encoder_digest(reference, settings)
     weights_path = paths.guard / "encoder.npz"
     meta_path = paths.guard / "encoder.json"
     if weights_path.exists() and meta_path.exists():
@@ -212,7 +230,7 @@ def prepare_guard(
     embed: Callable[[np.ndarray], np.ndarray] | None = None
     enc_meta: dict[str, Any] = {}
     if "embedding" in settings.metrics:
-        embed, enc_meta = _encoder(paths, config, reference, digest, progress)
+        embed, enc_meta = _encoder(paths, config, reference, progress)
     enc_info = {
         "encoder_sha256": enc_meta.get("weights_sha256"),
         "encoder_config": enc_meta.get("config"),

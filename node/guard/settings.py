@@ -20,6 +20,11 @@ class GuardSettings:
         "slices fall below it per metric (at most ~3 % over three metrics, within a 5 % budget)",
     )
     max_shift_px: int = setting(4, "shift-tolerant metric: largest integer shift tried (pixels)")
+    rotations_deg: list[float] = setting(
+        [-3.5, 0.0, 3.5],
+        "shift-tolerant metric: rotations of the candidate also tried (degrees); with +-3.5 a\n"
+        "copy rotated by up to 5 degrees is within 1.75 degrees of one of them",
+    )
     metrics: list[str] = setting(
         list(METRIC_NAMES), "metrics; an image is rejected if ANY finds it too close"
     )
@@ -55,6 +60,8 @@ class GuardSettings:
             raise ValueError("threshold_quantile must be in [0, 0.5)")
         if self.max_shift_px < 0:
             raise ValueError("max_shift_px must be >= 0")
+        if any(abs(a) > 45 for a in self.rotations_deg):
+            raise ValueError("rotations_deg must be within 45 degrees")
         unknown = [m for m in self.metrics if m not in METRIC_NAMES]
         if unknown or not self.metrics or len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics must be distinct names from {list(METRIC_NAMES)}")

@@ -1,0 +1,108 @@
+"""privacy.metrics: each metric's definition, on tiny images."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from privacy.errors import GuardError
+from privacy.metrics import EmbeddingDistance, PixelRMSE, ShiftFlipDistance, check_images
+
+
+def _smooth(rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    img = rng.random((size // 4, size // 4))
+    return np.kron(img, np.ones((4, 4))).astype(np.float32)
+
+
+def _shift_fill(img: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
+    out = np.full_like(img, fill)
+    h, w = img.shape
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = img[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
+
+
+def test_pixel_rmse_is_root_mean_square_difference() -> None:
+    a = np.zeros((8, 8), dtype=np.float32)
+    b = np.full((8, 8), 0.5, dtype=np.float32)
+    assert PixelRMSE().distance(a, b) == pytest.approx(0.5, abs=1e-12)
+    b[0, 0] = 1.0
+    expected = math.sqrt((63 * 0.25 + 1.0) / 64)
+    assert PixelRMSE().distance(a, b) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("dy,dx", [(1, 0), (0, -3), (4, 4), (-4, 2), (-2, -4)])
+@pytest.mark.parametrize("fill", [0.0, 1.0])
+def test_shifted_copy_is_at_shift_flip_distance_zero_whatever_the_fill(
+    dy: int, dx: int, fill: float
+) -> None:
+    img = _smooth(np.random.default_rng(1))
+    moved = _shift_fill(img, dy, dx, fill)
+    assert ShiftFlipDistance(4).distance(moved, img) == 0.0
+    assert PixelRMSE().distance(moved, img) > 0.05
+
+
+def test_mirrored_and_shifted_copy_is_at_shift_flip_distance_zero() -> None:
+    img = _smooth(np.random.default_rng(2))
+    copy = _shift_fill(img[:, ::-1], 2, -1, 0.0)
+    assert ShiftFlipDistance(4).distance(copy, img) == 0.0
+    assert ShiftFlipDistance(4, mirror=False).distance(copy, img) > 0.05
+
+
+def test_rotated_copy_is_nearer_with_rotation_variants() -> None:
+    from privacy.metrics import rotate_images
+
+    img = np.kron(np.random.default_rng(4).random((8, 8)), np.ones((4, 4))).astype(np.float32)
+    turned = rotate_images(img[None], 4.0)[0]
+    plain = ShiftFlipDistance(2).distance(turned, img)
+    with_rotations = ShiftFlipDistance(2, rotations_deg=[-4.0, 4.0]).distance(turned, img)
+    assert with_rotations < 0.5 * plain
+
+
+def test_shift_beyond_the_maximum_is_not_forgiven() -> None:
+    img = np.random.default_rng(3).random((16, 16)).astype(np.float32)
+    moved = _shift_fill(img, 0, 3, 0.0)
+    assert ShiftFlipDistance(2).distance(moved, img) > 0.1
+
+
+def test_shift_flip_variants_start_with_the_identity_and_count_both_mirrors() -> None:
+    metric = ShiftFlipDistance(2)
+    assert metric.transforms()[0] == (False, 0.0, 0, 0)
+    assert metric.n_variants() == 2 * 5 * 5
+    assert ShiftFlipDistance(2, rotations_deg=[-3, 3]).n_variants() == 2 * 3 * 5 * 5
+    img = np.arange(64, dtype=np.float32).reshape(1, 8, 8)
+    variants = metric.query_variants(img)
+    assert variants.shape == (1, 50, 16)
+    np.testing.assert_array_equal(variants[0, 0], metric.reference_features(img)[0])
+
+
+def test_shift_flip_refuses_images_smaller_than_twice_the_shift() -> None:
+    with pytest.raises(GuardError, match="too small"):
+        ShiftFlipDistance(4).reference_features(np.zeros((1, 8, 8), dtype=np.float32))
+
+
+def test_embedding_distance_is_between_renormalised_embeddings() -> None:
+    def embed(images: np.ndarray) -> np.ndarray:
+        # Unnormalised on purpose: the metric renormalises.
+        return np.stack([images.mean(axis=(1, 2)) + 1.0, images[:, 0, 0] * 0 + 1.0], axis=1)
+
+    metric = EmbeddingDistance(embed)
+    a = np.zeros((4, 4), dtype=np.float32)
+    b = np.ones((4, 4), dtype=np.float32)
+    # embeddings (1, 1) and (2, 1) normalised: angle between them.
+    u = np.array([1.0, 1.0]) / math.sqrt(2)
+    v = np.array([2.0, 1.0]) / math.sqrt(5)
+    assert metric.distance(a, b) == pytest.approx(float(np.linalg.norm(u - v)), abs=1e-12)
+    assert metric.distance(a, a) == 0.0
+
+
+def test_images_with_nan_are_refused() -> None:
+    bad = np.zeros((1, 4, 4), dtype=np.float32)
+    bad[0, 1, 1] = np.nan
+    with pytest.raises(GuardError, match="NaN"):
+        check_images(bad)
+    with pytest.raises(GuardError, match="shape"):
+        check_images(np.zeros((2, 2, 2, 2)))

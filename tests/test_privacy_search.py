@@ -1,0 +1,177 @@
+"""privacy.search: the pruned exact search equals brute force, decision by decision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from privacy.guard import Guard
+from privacy.metrics import PixelRMSE, ShiftFlipDistance
+from privacy.search import (
+    EPS_SQ,
+    ExactIndex,
+    brute_force_nearest,
+    exact_pair_sq_distances,
+    exact_sq_distances,
+)
+
+
+def _assert_same(a, b) -> None:  # type: ignore[no-untyped-def]
+    np.testing.assert_array_equal(a.sq, b.sq)
+    # Indices must agree wherever the distance is not tied with another reference.
+    for qi in range(a.sq.shape[0]):
+        for j in range(a.sq.shape[1]):
+            if np.sum(b.sq[qi] == b.sq[qi, j]) == 1:
+                assert a.index[qi, j] == b.index[qi, j]
+
+
+@st.composite
+def problems(draw):  # type: ignore[no-untyped-def]
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    n = draw(st.integers(1, 80))
+    f = draw(st.integers(1, 40))
+    q = draw(st.integers(1, 6))
+    t = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["uniform", "clustered", "duplicates"]))
+    dtype = draw(st.sampled_from([np.float16, np.float32]))
+    if kind == "uniform":
+        ref = rng.random((n, f))
+    else:
+        centres = rng.random((max(1, n // 8), f))
+        ref = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 0.02, (n, f))
+    ref = ref.astype(dtype)
+    pick = rng.integers(0, n, size=(q, t))
+    noise = 0.0 if kind == "duplicates" else draw(st.sampled_from([0.0, 1e-3, 0.05, 0.5]))
+    var = ref[pick].astype(np.float32) + rng.normal(0, noise, (q, t, f)).astype(np.float32)
+    k = draw(st.integers(1, 3))
+    comps = draw(st.integers(0, f + 2))
+    return ref, var, k, comps
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_pruned_search_equals_brute_force_on_random_data(problem) -> None:  # type: ignore[no-untyped-def]
+    ref, var, k, comps = problem
+    index = ExactIndex(ref, n_components=comps, sample_size=32)
+    got = index.nearest(var, k=k, block_entries=1 << 10)
+    want = brute_force_nearest(var, ref, k=k)
+    _assert_same(got, want)
+    # Every accept / reject decision at any threshold equals brute force's.
+    for threshold in np.unique(want.sq[:, 0]).tolist() + [0.0, 1e-3, 0.5]:
+        np.testing.assert_array_equal(got.sq[:, 0] >= threshold, want.sq[:, 0] >= threshold)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 60), st.integers(1, 300))
+def test_safe_lower_bound_never_exceeds_the_exact_distance(seed: int, n: int, f: int) -> None:
+    rng = np.random.default_rng(seed)
+    scale = rng.choice([1e-3, 1.0, 1e3])
+    ref = (rng.random((n, f)) * scale).astype(np.float32)
+    q = (ref[: min(n, 5)] + rng.normal(0, 1e-4 * scale, (min(n, 5), f))).astype(np.float32)
+    index = ExactIndex(ref, n_components=int(rng.integers(0, 20)), sample_size=16)
+    aug_q, norm_q = index._augment(q)
+    lb = (
+        np.sum(aug_q.astype(np.float64) ** 2, 1)[:, None]
+        + index.aug_sq[None, :].astype(np.float64)
+        - 2 * aug_q.astype(np.float64) @ index.aug.T.astype(np.float64)
+        - EPS_SQ * (norm_q[:, None] + index.norms[None, :].astype(np.float64)) ** 2
+    )
+    exact = np.stack([exact_sq_distances(v, ref) for v in q])
+    assert np.all(lb <= exact)
+
+
+def test_exact_distance_of_a_row_does_not_depend_on_the_other_rows() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.random((300, 1000)).astype(np.float32)
+    v = rng.random(1000).astype(np.float32)
+    full = exact_sq_distances(v, ref)
+    rows = np.array([299, 3, 150, 3, 0])
+    np.testing.assert_array_equal(exact_sq_distances(v, ref[rows]), full[rows])
+    pairs = exact_pair_sq_distances(v[None, :], np.zeros(5, dtype=np.int64), ref, rows)
+    np.testing.assert_array_equal(pairs, full[rows])
+
+
+def test_pruning_skips_most_references_on_structured_data() -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.random((50, 256))
+    ref = (centres[rng.integers(0, 50, 2000)] + rng.normal(0, 0.05, (2000, 256))).astype(
+        np.float32
+    )
+    q = (centres[:10] + rng.normal(0, 0.05, (10, 256))).astype(np.float32)
+    got = ExactIndex(ref, n_components=32).nearest(q[:, None, :], k=2)
+    want = brute_force_nearest(q[:, None, :], ref, k=2)
+    _assert_same(got, want)
+    assert got.evaluated.sum() < 0.2 * want.evaluated.sum()
+
+
+def _brute_decisions(metrics, reference, images, thresholds):  # type: ignore[no-untyped-def]
+    accepted = np.ones(images.shape[0], dtype=bool)
+    for m in metrics:
+        near = brute_force_nearest(m.query_variants(images), m.reference_features(reference))
+        d = near.distances(m.scale(images.shape[1:]))[:, 0]
+        accepted &= d >= thresholds[m.name]
+    return accepted
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.01, 0.3))
+def test_guard_decisions_equal_brute_force_on_random_images(seed: int, thr: float) -> None:
+    rng = np.random.default_rng(seed)
+    base = rng.random((30, 4, 4))
+    ref = np.kron(base, np.ones((1, 4, 4))).astype(np.float32)
+    cand = ref[rng.integers(0, 30, 12)] + rng.normal(0, 0.1, (12, 16, 16)).astype(np.float32)
+    cand = np.clip(cand, 0, 1)
+    metrics = [PixelRMSE(), ShiftFlipDistance(2)]
+    thresholds = {"pixel_rmse": thr, "shift_flip": thr * 0.8}
+    guard = Guard(metrics, ref, thresholds, n_components=8)
+    screening = guard.screen(cand)
+    np.testing.assert_array_equal(
+        screening.accepted, _brute_decisions(metrics, ref, cand, thresholds)
+    )
+
+
+@pytest.fixture(scope="module")
+def real_slices(tmp_path_factory):  # type: ignore[no-untyped-def]
+    from tests.conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent (CI has it)")
+    from node.config import load_node_config
+    from node.home import init_home
+    from node.ingest.pipeline import ingest_sources
+    from node.store import Store
+
+    home = tmp_path_factory.mktemp("real") / "home"
+    paths = init_home(home, "site-real")
+    config = load_node_config(paths)
+    ingest_sources(paths, config, [SHARED_DATA / "ct" / "tcga-luad"], progress=False)
+    with Store(paths.store) as store:
+        images = store.load(store.records())
+    return images
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_guard_decisions_equal_brute_force_on_real_slices(real_slices, seed: int) -> None:  # type: ignore[no-untyped-def]
+    from privacy.canaries import ALTERATIONS, alter
+
+    rng = np.random.default_rng(seed)
+    n = real_slices.shape[0]
+    order = rng.permutation(n)
+    ref, rest = real_slices[order[:40]], real_slices[order[40:]]
+    cand = [alter(str(rng.choice(ALTERATIONS)), ref[int(rng.integers(0, 40))], rng)
+            for _ in range(4)]
+    cand += [rest[i] for i in range(min(4, len(rest)))]
+    images = np.stack(cand)
+    metrics = [PixelRMSE(), ShiftFlipDistance(2)]
+    d0 = brute_force_nearest(metrics[0].query_variants(images), metrics[0].reference_features(ref))
+    # A threshold in the middle of the candidates' distances makes both outcomes happen.
+    thr = float(np.median(np.sqrt(d0.sq[:, 0]) / 64))
+    thresholds = {"pixel_rmse": thr, "shift_flip": thr * 0.8}
+    screening = Guard(metrics, ref, thresholds, n_components=16).screen(images)
+    np.testing.assert_array_equal(
+        screening.accepted, _brute_decisions(metrics, ref, images, thresholds)
+    )
