@@ -70,6 +70,12 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
             for k, v in value.items()
         }
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads ``1e-3`` (no dot) as a string; accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, found {value!r}", where) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, found {value!r}", where)
         return float(value)

@@ -20,6 +20,7 @@ from node.generator.quality import (
     spectrum_distance,
 )
 from node.store import NewSlice, Store
+from protocols.errors import UsageError
 
 
 def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -117,3 +118,32 @@ def test_quality_report_writes_json_and_png_from_the_train_split(tmp_path: Path)
         entry["synthetic_vs_real"]["precision"], 4
     )
     assert (tmp_path / "q" / "quality-CT.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quality_command_reports_json(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from node.generator.train import train_generator
+    from node.home import init_home
+
+    paths = init_home(tmp_path / "home", "site-c")
+    px = smooth_images(24, seed=4)
+    with Store(paths.store) as store:
+        store.add_batch([
+            NewSlice("MR", f"patient-{i % 6}", "s", float(i), f"d{i}", f"k{i}", px[i], "a.u.",
+                     50.0, 1.0)
+            for i in range(24)
+        ])
+    config = load_node_config(paths)
+    gen = dataclasses.replace(config.generator, preset="tiny", ae_steps=4, diffusion_steps=4)
+    train_generator(paths, dataclasses.replace(config, generator=gen), progress=False,
+                    quality=False)
+    runner = CliRunner()
+    result = runner.invoke(app, ["quality", "--home", str(paths.root), "--count", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["summary"]) == {"MR"} and Path(report["path"]).exists()
+    result = runner.invoke(app, ["quality", "--home", str(paths.root), "--count", "3"])
+    assert isinstance(result.exception, UsageError)
+    assert "--count must be at least 8" in result.exception.what

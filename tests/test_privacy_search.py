@@ -48,14 +48,15 @@ def problems(draw):  # type: ignore[no-untyped-def]
     var = ref[pick].astype(np.float32) + rng.normal(0, noise, (q, t, f)).astype(np.float32)
     k = draw(st.integers(1, 3))
     comps = draw(st.integers(0, f + 2))
-    return ref, var, k, comps
+    blocks = draw(st.integers(1, 8))
+    return ref, var, k, comps, blocks
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_pruned_search_equals_brute_force_on_random_data(problem) -> None:  # type: ignore[no-untyped-def]
-    ref, var, k, comps = problem
-    index = ExactIndex(ref, n_components=comps, sample_size=32)
+    ref, var, k, comps, blocks = problem
+    index = ExactIndex(ref, n_components=comps, sample_size=32, residual_blocks=blocks)
     got = index.nearest(var, k=k, block_entries=1 << 10)
     want = brute_force_nearest(var, ref, k=k)
     _assert_same(got, want)
@@ -71,7 +72,8 @@ def test_safe_lower_bound_never_exceeds_the_exact_distance(seed: int, n: int, f:
     scale = rng.choice([1e-3, 1.0, 1e3])
     ref = (rng.random((n, f)) * scale).astype(np.float32)
     q = (ref[: min(n, 5)] + rng.normal(0, 1e-4 * scale, (min(n, 5), f))).astype(np.float32)
-    index = ExactIndex(ref, n_components=int(rng.integers(0, 20)), sample_size=16)
+    index = ExactIndex(ref, n_components=int(rng.integers(0, 20)), sample_size=16,
+                       residual_blocks=int(rng.integers(1, 40)))
     aug_q, norm_q = index._augment(q)
     lb = (
         np.sum(aug_q.astype(np.float64) ** 2, 1)[:, None]

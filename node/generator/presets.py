@@ -18,9 +18,11 @@ from protocols.errors import ConfigError
 __all__ = ["PRESETS", "GeneratorConfig", "resolve_config", "config_from_dict"]
 
 # tiny: seconds on 2 cores at 32x32..64x64 (tests, demo); cpu: ~1 h on 2 cores at 64x64;
-# gpu: 128x128 and up with bf16 autocast. The cpu networks are sized from measured step times
-# (bench/RESULTS.md): an autoencoder with a 4x downsampling (64x64 -> 16x16x3 latents) and a
-# UNet with attention only at the two coarse latent levels.
+# gpu: 128x128 and up with bf16 autocast (not run yet: no GPU was available). The cpu networks
+# were sized from step times measured on the idle 2-core box (2 threads, 64x64): 0.34 s per
+# autoencoder step (batch 16) and 0.26 s per UNet step (batch 32), so 3,000 + 8,000 steps is
+# about 52 minutes: an autoencoder with a 4x downsampling (64x64 -> 16x16x3 latents) and a UNet
+# with attention only at the two coarse latent levels.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "ae_channels": [8, 16, 16],
