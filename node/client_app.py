@@ -74,7 +74,12 @@ def round_query(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_shared_model(msg: Message, context: Context) -> Message:
-    """Evaluate a shared model on this site's holdout; only numbers go back (contract E)."""
+    """Evaluate a shared model on this site's holdout; only numbers go back (contract E).
+
+    The message is ``message_type="evaluate"`` with ``ConfigRecord`` "synthfed" holding
+    ``model`` (list of bytes chunks of the model blob) and ``task`` ("denoise" or "sr"); the
+    reply is one ``MetricRecord`` "metrics" (numbers and lists of numbers only).
+    """
     from node.config import load_node_config
     from node.evaluate import evaluate_model
     from protocols.audit import append_audit

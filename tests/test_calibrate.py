@@ -109,3 +109,13 @@ def test_floor_for_an_unknown_metric_is_refused() -> None:
     with pytest.raises(GuardError, match="unknown metrics"):
         calibrate_thresholds([PixelRMSE()], np.zeros((3, 4, 4), dtype=np.float32), [], "holdout",
                              0.01, floors={"ssim": 0.1})
+
+
+def test_one_patient_site_split_by_slabs_is_calibrated_by_leaving_slabs_out() -> None:
+    # The store splits a one-patient site by slabs: train and holdout share the patient, so
+    # holdout slices are no "new patient"; calibration leaves slabs out instead.
+    n = 25
+    splits = ["train"] * 20 + ["holdout"] * 5
+    method, folds = make_folds(["p"] * n, splits, ["s"] * n, list(range(n)), k=5, gap=2)
+    assert method == "leave-slab-out"
+    assert sorted(i for f in folds for i in f.queries.tolist()) == list(range(n))

@@ -281,3 +281,32 @@ def test_coordinator_key_is_written_0600(tmp_path: Path) -> None:
     coord = make_coordinator(tmp_path)
     assert coord.coordinator_key.stat().st_mode & 0o777 == 0o600
     assert load_signing_key(coord.coordinator_key).public == load_public_key(coord.coordinator_pub)
+
+
+def test_evaluate_reply_carries_only_numbers(node_home: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import node.evaluate
+    from node.client_app import app
+
+    seen = {}
+
+    def fake_evaluate(paths, config, blob, task, seed=0):  # type: ignore[no-untyped-def]
+        seen.update(blob=blob, task=task)
+        return {"psnr": [30.0, 31.5], "psnr_mean": 30.75, "site_note": "text never leaves",
+                "ok": True}
+
+    monkeypatch.setattr(node.evaluate, "evaluate_model", fake_evaluate)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    msg = Message(RecordDict({"synthfed": ConfigRecord({"model": [b"ab", b"cd"],
+                                                        "task": "sr"})}),
+                  dst_node_id=7, message_type="evaluate")
+    ctx = Context(run_id=1, node_id=7, node_config={"home": str(node_home)},
+                  state=RecordDict(), run_config={})
+    reply = app(msg, ctx)
+    assert seen == {"blob": b"abcd", "task": "sr"}
+    assert dict(reply.content.metric_records["metrics"]) == {"psnr": [30.0, 31.5],
+                                                             "psnr_mean": 30.75}
+    assert list(reply.content.config_records) == []

@@ -122,18 +122,20 @@ def test_full_demo_round_in_simulation(trained_sites, tmp_path: Path) -> None:
     root, homes, _ = trained_sites
     coord = make_coordinator(tmp_path, allow_demo=True)
     coord_key = load_public_key(coord.coordinator_pub).hex
-    reviewer = generate_keypair()
-    reviewer_file = tmp_path / "demo-reviewer.ed25519"
-    write_keypair(reviewer, reviewer_file, tmp_path / "demo-reviewer.pub")
     from node.config import NodePaths, load_node_config
 
+    reviewer_files = []
     for home in homes:
+        # One scripted reviewer per site: a trust store gives every key to one site only.
         paths = NodePaths(Path(home))
+        site = load_node_config(paths).site
+        reviewer = generate_keypair()
+        reviewer_files.append(tmp_path / f"{site}-demo-reviewer.ed25519")
+        write_keypair(reviewer, reviewer_files[-1], tmp_path / f"{site}-demo-reviewer.pub")
         set_node_policy(paths, coordinator_key=coord_key, reviewer_keys=[reviewer.public.hex])
-        trust_add(coord, load_node_config(paths).site, load_public_key(paths.site_pub),
-                  [reviewer.public])
+        trust_add(coord, site, load_public_key(paths.site_pub), [reviewer.public])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    summary = simulate_round(coord, homes, "CT", 4, auto_approve_keys=[reviewer_file],
+    summary = simulate_round(coord, homes, "CT", 4, auto_approve_keys=reviewer_files,
                              round_timeout_s=900.0)
     assert {s: e["state"] for s, e in summary["sites"].items()} == {
         "site-a": "verified", "site-b": "verified", "site-c": "verified"}, json.dumps(
