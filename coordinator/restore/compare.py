@@ -396,8 +396,9 @@ def run_comparison(
             try:
                 for s in sites:
                     count = config.synthetic.count_per_site or int(s.train.shape[0])
-                    _say(progress, f"arm S: {count} synthetic images from {s.name}")
+                    _say(progress, f"arm S: asking {s.name} for {count} synthetic images")
                     images, info = source(s, count, config.synthetic.seed)
+                    _say(progress, f"arm S: {s.name} gave {images.shape[0]} images")
                     if images.ndim != 3 or images.shape[1:] != s.train.shape[1:]:
                         raise OperationError(
                             f"synthetic images of {s.name} have shape {images.shape}, "

@@ -58,6 +58,8 @@ def _f(value: Any, digits: int = 3) -> str:
 def _p(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
+    if value == 0.0:
+        return "< 1e-300"  # below double precision
     return f"{value:.2e}" if value < 1e-3 else f"{value:.3f}"
 
 
