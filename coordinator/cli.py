@@ -6,11 +6,9 @@ imports stay light so ``--help`` is fast.
 
 from __future__ import annotations
 
-import importlib
-
 import typer
 
-from protocols.cli_support import run_app
+from protocols.cli_support import register_commands, run_app
 
 __all__ = ["app", "main"]
 
@@ -35,14 +33,7 @@ COMMANDS = (
     "compare",
 )
 
-for _name in COMMANDS:
-    try:
-        _module = importlib.import_module(f"coordinator.commands.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"coordinator.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
+register_commands(app, "coordinator.commands", COMMANDS)
 
 
 def main() -> None:

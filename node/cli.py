@@ -6,11 +6,9 @@ or ray at import time) so ``--help`` is fast.
 
 from __future__ import annotations
 
-import importlib
-
 import typer
 
-from protocols.cli_support import run_app
+from protocols.cli_support import register_commands, run_app
 
 __all__ = ["app", "main"]
 
@@ -31,7 +29,6 @@ COMMANDS = (
     "quality",
     "generate",
     "screen",
-    "export",
     "review",
     "approve",
     "send",
@@ -40,15 +37,7 @@ COMMANDS = (
     "run",
 )
 
-for _name in COMMANDS:
-    try:
-        _module = importlib.import_module(f"node.commands.{_name}")
-    except ModuleNotFoundError as _exc:
-        # A command whose module is not written yet is simply absent from the app.
-        if _exc.name != f"node.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
+register_commands(app, "node.commands", COMMANDS)
 
 
 def main() -> None:

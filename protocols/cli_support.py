@@ -15,7 +15,7 @@ from typing import Any
 
 from protocols.errors import SynthfedError
 
-__all__ = ["run_app", "emit", "fail"]
+__all__ = ["run_app", "emit", "fail", "register_commands"]
 
 
 def _is_guard_error(exc: BaseException) -> bool:
@@ -23,6 +23,14 @@ def _is_guard_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("privacy") and any(
         c.__name__ == "GuardError" for c in type(exc).__mro__
     )
+
+
+def register_commands(app: Any, package: str, names: tuple[str, ...]) -> None:
+    """Import ``<package>.<name>`` for each name and let it ``register(app)`` its command."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(f"{package}.{name}").register(app)
 
 
 def run_app(app: Any, argv: list[str] | None = None) -> None:
