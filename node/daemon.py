@@ -233,7 +233,7 @@ def _advance(
                     f"{type(exc).__name__}: {exc}")
                 append_audit(paths.audit, "round_generation_error",
                              {"round": record.round_id, "error": local[:2000]})
-                shared = local if isinstance(exc, SynthfedError) else (
+                shared = local if _expected(exc) else (
                     f"{type(exc).__name__} (details in the site's audit log)")
                 _transition(paths, record, "failed", f"generation failed: {shared[:300]}")
                 return _reply(site_key, config.site, request, "failed", record.reason)
@@ -286,6 +286,15 @@ def _advance(
         return _reply(site_key, config.site, request, "bundle", "", data, digest, timings)
 
     raise VerificationError(f"round in unknown state {record.state!r}", record.round_id)
+
+
+def _expected(exc: BaseException) -> bool:
+    """An expected failure whose one-line message is written for people (ours or the guard's)."""
+    if isinstance(exc, SynthfedError):
+        return True
+    # privacy must not be imported here just to name its error; match it as the CLIs do.
+    return type(exc).__module__.startswith("privacy") and any(
+        c.__name__ == "GuardError" for c in type(exc).__mro__)
 
 
 def _checked_pack(paths: NodePaths, config: NodeConfig, record: NodeRound, bundle_dir: Path

@@ -181,8 +181,13 @@ def guarded_synthetic_source(
     site: SiteData, count: int, seed: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Arm S at one site: guard-accepted synthetic images from the site's own generator."""
+    from node.errors import TrainingError
+    from node.generator.checkpoint import checkpoint_path
     from node.guard.run import generate_and_screen
 
+    if not checkpoint_path(site.paths).exists():
+        # fail before the guard's calibration, which is the slow part
+        raise TrainingError("no trained generator at this site", site.name)
     run = generate_and_screen(site.paths, site.config, count, seed=seed, progress=True)
     images = np.asarray(run.images_physical, dtype=np.float32)
     report = run.report if isinstance(run.report, dict) else {}
