@@ -55,6 +55,7 @@ class DemoContext:
     mr_sites: dict[str, NodePaths] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)  # stage name -> what it produced
     progress: bool = False
+    round_count: int = 16  # images asked of each site in the demo round
 
     def say(self, text: str = "") -> None:
         print(text, flush=True)
@@ -104,10 +105,84 @@ def stage_ingest(ctx: DemoContext) -> None:
     ctx.results["ingest"] = summaries
 
 
+def _update_node_yaml(paths: NodePaths, section: str, values: dict[str, Any]) -> None:
+    import yaml
+
+    from protocols.files import atomic_write_text
+
+    data = yaml.safe_load(paths.config.read_text())
+    data[section].update(values)
+    atomic_write_text(paths.config, yaml.safe_dump(data, sort_keys=False))
+
+
+def stage_train(ctx: DemoContext) -> None:
+    """Train a tiny latent diffusion generator at each CT site (a smoke test: 6 slices each)."""
+    from node.generator.train import train_generator
+
+    trained: dict[str, Any] = {}
+    for name, paths in ctx.sites.items():
+        _update_node_yaml(paths, "generator", {"preset": "tiny"})
+        summary = train_generator(
+            paths, load_node_config(paths), preset="tiny", progress=ctx.progress, quality=False
+        )
+        trained[name] = summary
+        ctx.say(f"{name}: tiny generator trained in {summary.get('wall_s', 0):.0f} s")
+    ctx.results["train"] = trained
+
+
+def stage_round(ctx: DemoContext) -> None:
+    """One pooling round over CT in Flower's simulation engine, with scripted approval.
+
+    The reviewer approval is the demo switch ``--auto-approve-with``: each site gets a demo
+    reviewer key, the coordinator policy explicitly allows demo-approved bundles, and every
+    manifest records ``demo_auto_approved: true``. Never for real data.
+    """
+    from coordinator.home import init_coordinator_home, policy_set, trust_add
+    from coordinator.simulate import simulate_round
+    from protocols.files import atomic_write_json
+    from protocols.keys import generate_keypair, load_public_key, write_keypair
+
+    coordinator = init_coordinator_home(ctx.workdir / "coordinator", "demo-consortium")
+    policy_file = ctx.workdir / "demo-policy.json"
+    atomic_write_json(
+        policy_file, {"required_reviewer_signatures": 1, "allow_demo_auto_approved": True}
+    )
+    policy_set(coordinator, policy_file)
+    coordinator_key = load_public_key(coordinator.coordinator_pub).hex
+    reviewer_files = []
+    for name, paths in ctx.sites.items():
+        reviewer = generate_keypair()
+        key_file = ctx.workdir / f"{name}-demo-reviewer.ed25519"
+        write_keypair(reviewer, key_file, ctx.workdir / f"{name}-demo-reviewer.pub")
+        reviewer_files.append(key_file)
+        _update_node_yaml(paths, "policy", {
+            "coordinator_key": coordinator_key,
+            "reviewer_keys": [reviewer.public.hex],
+            "modalities_offered": ["CT"],
+        })
+        trust_add(coordinator, name, load_public_key(paths.site_pub), [reviewer.public])
+    summary = simulate_round(
+        coordinator, [p.root for p in ctx.sites.values()], "CT", ctx.round_count,
+        auto_approve_keys=reviewer_files,
+    )
+    ctx.results["round"] = summary
+    ctx.say(f"round {summary.get('round')}: simulation {summary['simulation_wall_s']:.1f} s")
+    for site, entry in summary["sites"].items():
+        reason = f" ({entry['reason']})" if entry.get("reason") else ""
+        ctx.say(f"  {site}: {entry['state']}, {entry.get('n_images', 0)} images{reason}")
+    ctx.say(
+        f"pooled {summary['accepted_images']} guard-accepted synthetic images; "
+        f"{summary['wire_bytes_per_accepted_image']} bytes on the wire per image; "
+        f"pool at {summary.get('pool', '(none: no site verified)')}"
+    )
+
+
 Stage = Callable[[DemoContext], None]
 STAGES: list[tuple[str, Stage]] = [
     ("init", stage_init),
     ("ingest", stage_ingest),
+    ("train", stage_train),
+    ("round", stage_round),
 ]
 
 
