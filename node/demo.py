@@ -177,12 +177,45 @@ def stage_round(ctx: DemoContext) -> None:
     )
 
 
+def stage_compare(ctx: DemoContext) -> None:
+    """The tiny comparison (machinery only): CT low-dose denoising, arms S R L F 0.
+
+    Arm S trains on the round's pool (guard-accepted synthetic images of every verified site);
+    the others on the sites' real train splits; every arm is evaluated at each site's own real
+    holdout. Six slices per site and tiny generators: the figures are a smoke test.
+    """
+    from coordinator.restore.compare import (
+        CompareConfig,
+        SiteConfig,
+        SyntheticConfig,
+        run_comparison,
+    )
+    from coordinator.restore.report import summary_lines
+
+    pool = ctx.results.get("round", {}).get("pool")
+    config = CompareConfig(
+        description="make demo: tiny CT denoising comparison on demo/ (machinery only)",
+        task="denoise", modality="CT", preset="tiny", steps=40, batch_size=4,
+        sites=[SiteConfig(name=n, home=str(p.root)) for n, p in ctx.sites.items()],
+        synthetic=SyntheticConfig(source="pool" if pool else "none", pool=pool or ""),
+        arms=["S", "R", "L", "F", "0"] if pool else ["R", "L", "F", "0"],
+    )
+    out = ctx.workdir / "comparison"
+    results = run_comparison(config, out, progress=ctx.progress)
+    ctx.results["compare"] = results
+    ctx.say("tiny comparison (CT low-dose denoising; PSNR / SSIM on each site's real holdout):")
+    for line in summary_lines(results):
+        ctx.say("  " + line)
+    ctx.say(f"report: {out / 'report.md'} and {out / 'report.html'}")
+
+
 Stage = Callable[[DemoContext], None]
 STAGES: list[tuple[str, Stage]] = [
     ("init", stage_init),
     ("ingest", stage_ingest),
     ("train", stage_train),
     ("round", stage_round),
+    ("compare", stage_compare),
 ]
 
 

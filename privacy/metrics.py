@@ -45,6 +45,7 @@ from privacy.errors import GuardError
 __all__ = [
     "Metric",
     "PixelRMSE",
+    "ContrastRMSE",
     "ShiftFlipDistance",
     "EmbeddingDistance",
     "check_images",
@@ -130,6 +131,36 @@ class PixelRMSE(Metric):
     def query_variants(self, images: np.ndarray) -> np.ndarray:
         arr = check_images(images)
         return arr.reshape(arr.shape[0], 1, -1)
+
+
+class ContrastRMSE(Metric):
+    """RMSE after scaling each image to unit root-mean-square intensity.
+
+    An intensity-rescaled copy ``a * x`` (any ``a > 0``) has exactly the features of ``x``, so
+    its distance is 0 whatever the factor: the guard catches re-contrasted copies without a
+    grid over factors. It is still a Euclidean distance between fixed features, so the exact
+    search and its lower bounds apply unchanged. An all-black image keeps zero features.
+    """
+
+    name = "contrast_rmse"
+    feature_space = "pixels_unit_rms"
+
+    def scale(self, image_shape: tuple[int, int]) -> float:
+        return 1.0 / math.sqrt(image_shape[0] * image_shape[1])
+
+    @staticmethod
+    def _unit_rms(arr: np.ndarray) -> np.ndarray:
+        flat = arr.reshape(arr.shape[0], -1).astype(np.float32)
+        rms = np.sqrt(np.mean(flat.astype(np.float64) ** 2, axis=1, keepdims=True))
+        out: np.ndarray = (flat / np.where(rms > 1e-12, rms, 1.0)).astype(np.float32)
+        return out
+
+    def reference_features(self, images: np.ndarray) -> np.ndarray:
+        return self._unit_rms(np.asarray(images))
+
+    def query_variants(self, images: np.ndarray) -> np.ndarray:
+        arr = check_images(images)
+        return self._unit_rms(arr).reshape(arr.shape[0], 1, -1)
 
 
 class ShiftFlipDistance(Metric):

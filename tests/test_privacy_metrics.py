@@ -106,3 +106,16 @@ def test_images_with_nan_are_refused() -> None:
         check_images(bad)
     with pytest.raises(GuardError, match="shape"):
         check_images(np.zeros((2, 2, 2, 2)))
+
+
+def test_recontrasted_copy_is_at_distance_zero_under_contrast_rmse() -> None:
+    from privacy.metrics import ContrastRMSE, PixelRMSE
+
+    rng = np.random.default_rng(3)
+    real = rng.uniform(0.0, 1.0, size=(1, 16, 16)).astype(np.float32)
+    for factor in (0.9, 0.95, 1.07, 1.1):
+        copy = (real * factor).astype(np.float32)
+        assert ContrastRMSE().distance(copy, real) < 1e-6
+        assert PixelRMSE().distance(copy, real) > 0.01
+    other = rng.uniform(0.0, 1.0, size=(1, 16, 16)).astype(np.float32)
+    assert ContrastRMSE().distance(other, real) > 0.1

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         Arm S uses real guarded synthetic data only: generate_and_screen at each site, or a
         coordinator pool (synthetic.source in the config)."""
         from coordinator.restore.compare import load_compare_config, run_comparison
+        from coordinator.restore.report import summary_lines
         from protocols.errors import UsageError
 
         cfg = load_compare_config(config)
@@ -34,17 +35,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError("no report folder: pass --out DIR or set out: in the config")
         results = run_comparison(cfg, out_dir, progress=not json_out)
         lines = [f"report: {out_dir / 'report.md'} and {out_dir / 'report.html'}"]
-        for arm in ("S", "R", "L", "F", "0"):
-            if arm in results["table"]:
-                o = results["table"][arm]["overall"]
-                lines.append(f"arm {arm}: PSNR {o['psnr_db']['mean']:.2f} dB, "
-                             f"SSIM {o['ssim']['mean']:.4f} (n={o['psnr_db']['n']})")
-            elif arm in results["notes"]:
-                lines.append(f"arm {arm}: {results['notes'][arm]}")
-        for key, by_metric in results["tests"].items():
-            if key in ("S vs R", "S vs F"):
-                for metric in ("psnr_db", "ssim"):
-                    lines.append(f"{key} {metric}: {by_metric[metric]['overall']['verdict']}")
+        lines += summary_lines(results)
         summary = {
             "report": str(out_dir / "report.md"), "html": str(out_dir / "report.html"),
             "arms_run": results["arms_run"], "notes": results["notes"],

@@ -18,7 +18,7 @@ import numpy as np
 
 from protocols.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["write_report", "markdown_report", "markdown_to_html", "json_safe"]
+__all__ = ["write_report", "markdown_report", "markdown_to_html", "json_safe", "summary_lines"]
 
 ARM_NAMES = {
     "S": "S pooled synthetic",
@@ -66,6 +66,23 @@ def _p(value: Any) -> str:
 def _arms(results: dict[str, Any]) -> list[str]:
     return [a for a in ARM_ORDER if a in results["table"]]
 
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The comparison table in a few lines: each arm's overall means, then the verdicts."""
+    lines = []
+    for arm in ("S", "R", "L", "F", "0"):
+        if arm in results["table"]:
+            o = results["table"][arm]["overall"]
+            lines.append(f"arm {arm}: PSNR {o['psnr_db']['mean']:.2f} dB, "
+                         f"SSIM {o['ssim']['mean']:.4f} (n={o['psnr_db']['n']})")
+        elif arm in results["notes"]:
+            lines.append(f"arm {arm}: {results['notes'][arm]}")
+    for key, by_metric in results["tests"].items():
+        if key in ("S vs R", "S vs F"):
+            for metric in ("psnr_db", "ssim"):
+                lines.append(f"{key} {metric}: {by_metric[metric]['overall']['verdict']}")
+    return lines
 
 def markdown_report(results: dict[str, Any], figures: dict[str, str]) -> str:
     cfg = results["config"]

@@ -26,7 +26,7 @@ from node.guard.settings import GuardSettings
 from privacy.calibrate import calibrate_thresholds, make_folds
 from privacy.errors import GuardError
 from privacy.guard import Guard
-from privacy.metrics import EmbeddingDistance, Metric, PixelRMSE, ShiftFlipDistance
+from privacy.metrics import ContrastRMSE, EmbeddingDistance, Metric, PixelRMSE, ShiftFlipDistance
 from protocols.files import atomic_write_bytes, atomic_write_json, canonical_json, sha256_hex
 from protocols.typed import to_dict
 
@@ -84,6 +84,8 @@ def build_metrics(
     for name in settings.metrics:
         if name == "pixel_rmse":
             out.append(PixelRMSE())
+        elif name == "contrast_rmse":
+            out.append(ContrastRMSE())
         elif name == "shift_flip":
             out.append(
                 ShiftFlipDistance(settings.max_shift_px, rotations_deg=settings.rotations_deg)

@@ -8,7 +8,7 @@ from protocols.typed import setting
 
 __all__ = ["GuardSettings", "METRIC_NAMES"]
 
-METRIC_NAMES = ("pixel_rmse", "shift_flip", "embedding")
+METRIC_NAMES = ("pixel_rmse", "contrast_rmse", "shift_flip", "embedding")
 
 
 @dataclass
@@ -17,7 +17,7 @@ class GuardSettings:
         0.01,
         "default threshold = this quantile (order statistic) of the distances from holdout\n"
         "patients' slices to their nearest train slice: about 1 % of genuinely new patients'\n"
-        "slices fall below it per metric (at most ~3 % over three metrics, within a 5 % budget)",
+        "slices fall below it per metric (at most ~4 % over four metrics, within a 5 % budget)",
     )
     max_shift_px: int = setting(4, "shift-tolerant metric: largest integer shift tried (pixels)")
     rotations_deg: list[float] = setting(
