@@ -21,6 +21,8 @@ __all__ = [
     "StoreSettings",
     "PolicySettings",
     "load_node_config",
+    "record_policy",
+    "policy_digest",
     "resolve_home",
     "NodePaths",
 ]
@@ -162,5 +164,43 @@ def resolve_home(home: str | os.PathLike[str] | None) -> NodePaths:
     return paths
 
 
+def policy_digest(config: NodeConfig) -> str:
+    """sha256 of the canonical site policy (what the audit log tracks)."""
+    from protocols.files import canonical_json, sha256_hex
+    from protocols.typed import to_dict
+
+    return sha256_hex(canonical_json(to_dict(config.policy)))
+
+
+def record_policy(paths: NodePaths, config: NodeConfig) -> bool:
+    """Audit the site policy when it differs from the last one audited; True if it did.
+
+    The policy lives in node.yaml, which an operator edits by hand, so the change is noticed
+    the next time any command loads the config: the audit record names the digests before and
+    after and holds the new policy (keys and numbers only, no patient data).
+    """
+    from protocols.audit import append_audit
+    from protocols.files import atomic_write_text, canonical_json
+    from protocols.typed import to_dict
+
+    marker = paths.root / ".policy.sha256"
+    digest = policy_digest(config)
+    try:
+        before = marker.read_text().strip()
+    except FileNotFoundError:
+        before = ""
+    if before == digest:
+        return False
+    policy = canonical_json(to_dict(config.policy)).decode()
+    append_audit(paths.audit, "policy_set" if not before else "policy_changed",
+                 {"before": before or None, "after": digest, "policy": policy})
+    atomic_write_text(marker, digest + "\n")
+    return True
+
+
 def load_node_config(paths: NodePaths) -> NodeConfig:
-    return load_yaml_config(NodeConfig, str(paths.config))
+    """Load and validate node.yaml; a changed site policy is audited on the way."""
+    config = load_yaml_config(NodeConfig, str(paths.config))
+    if paths.audit.exists():
+        record_policy(paths, config)
+    return config

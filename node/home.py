@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.config import NodeConfig, NodePaths
+from node.config import NodeConfig, NodePaths, record_policy
 from node.errors import HomeError
 from node.pseudonym import create_secret
 from protocols.audit import append_audit
@@ -44,4 +44,5 @@ def init_home(home: str | Path, site: str) -> NodePaths:
     append_audit(paths.audit, "key_created", {"role": "site", "keyid": key.public.keyid})
     # node.yaml last: its presence marks a complete home, so a killed init can be redone.
     atomic_write_text(paths.config, config.to_yaml())
+    record_policy(paths, config)
     return paths

@@ -17,7 +17,7 @@ def test_init_then_audit_json(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["site"] == "s1"
     result = runner.invoke(app, ["audit", "--home", str(home), "--json"])
     assert result.exit_code == 0
-    assert json.loads(result.stdout)["records"] == 2
+    assert json.loads(result.stdout)["records"] == 3
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:

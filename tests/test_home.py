@@ -21,7 +21,7 @@ def test_init_creates_the_home_of_the_design(tmp_path: Path) -> None:
     assert stat.S_IMODE(paths.pseudonym_secret.stat().st_mode) == 0o600
     key = load_signing_key(paths.site_key)
     assert key.public == load_public_key(paths.site_pub)
-    assert verify_audit_log(paths.audit).records == 2
+    assert verify_audit_log(paths.audit).records == 3  # init, key, policy_set
     config = load_node_config(paths)
     assert config.site == "site-a"
     assert config.store.image_size == 64
@@ -68,3 +68,20 @@ def test_config_round_trips_through_yaml() -> None:
 
     config = NodeConfig(site="x")
     assert from_dict(NodeConfig, yaml.safe_load(config.to_yaml())) == config
+
+
+def test_hand_edited_policy_is_audited_once(tmp_path: Path) -> None:
+    import json
+
+    paths = init_home(tmp_path / "h", "site-a")
+    data = yaml.safe_load(paths.config.read_text())
+    data["policy"]["max_images_per_round"] = 7
+    paths.config.write_text(yaml.safe_dump(data))
+    load_node_config(paths)
+    load_node_config(paths)  # unchanged since: no second record
+    records = [json.loads(line) for line in paths.audit.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["init", "key_created", "policy_set", "policy_changed"]
+    change = records[-1]["details"]
+    assert change["before"] == records[2]["details"]["after"] != change["after"]
+    assert json.loads(change["policy"])["max_images_per_round"] == 7
+    assert verify_audit_log(paths.audit).records == 4

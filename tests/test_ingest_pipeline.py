@@ -180,7 +180,7 @@ def test_reingest_adds_nothing(node_home: Path, tmp_path: Path) -> None:
     assert second.skipped == {}
     assert _state(node_home) == before
     assert sorted(p.name for p in (node_home / "store" / "shards").iterdir()) == shards
-    assert verify_audit_log(node_home / "audit.jsonl").records == 4  # init, key, 2 x ingest
+    assert verify_audit_log(node_home / "audit.jsonl").records == 5  # init, key, policy, 2 x ingest
 
 
 def test_killed_ingest_then_rerun_equals_an_uninterrupted_one(
