@@ -94,7 +94,10 @@ def evaluate_shared_model(msg: Message, context: Context) -> Message:
     if task not in ("denoise", "sr") or not isinstance(chunks, list):
         raise UsageError("evaluate message is malformed")
     blob = b"".join(c for c in chunks if isinstance(c, bytes))
-    result = evaluate_model(paths, config, blob, task)  # type: ignore[arg-type]
+    seed = record.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UsageError("evaluate message has a non-integer seed")
+    result = evaluate_model(paths, config, blob, task, seed)  # type: ignore[arg-type]
     metrics = MetricRecord()
     for key, value in result.items():
         if isinstance(value, bool):
@@ -104,4 +107,7 @@ def evaluate_shared_model(msg: Message, context: Context) -> Message:
         elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
             metrics[key] = [float(v) for v in value]
     append_audit(paths.audit, "evaluation_replied", {"task": task, "metrics": sorted(metrics)})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    # The site id labels the numbers at the coordinator; it is the consortium's name for the
+    # site (node.yaml), never anything about a patient.
+    reply = RecordDict({"metrics": metrics, "site": ConfigRecord({"site": config.site})})
+    return Message(reply, reply_to=msg)

@@ -9,6 +9,7 @@ names. Appends are fsynced; a torn last line (a crash mid-append) is reported, n
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -49,22 +50,25 @@ def _last_line(path: Path) -> bytes | None:
 def append_audit(path: str | os.PathLike[str], event: str, details: dict[str, Any]) -> str:
     """Append one record and return its hash. ``details`` must hold no raw identifier."""
     p = Path(path)
-    last = _last_line(p)
-    if last is None:
-        prev, seq = GENESIS, 0
-    else:
-        prev = sha256_hex(last)
-        try:
-            seq = int(json.loads(last)["seq"]) + 1
-        except (ValueError, KeyError, TypeError):
-            raise VerificationError("last audit record is damaged; run audit", str(p)) from None
-    record: dict[str, Any] = {
-        "seq": seq, "time": time.time(), "event": event, "details": details, "prev": prev
-    }
-    record["hash"] = sha256_hex(canonical_json(record))
-    line = canonical_json(record)
     fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        # One writer at a time (the daemon and a CLI command may append together): the last
+        # record is read and the new one written under an exclusive lock, so the chain never forks.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        last = _last_line(p)
+        if last is None:
+            prev, seq = GENESIS, 0
+        else:
+            prev = sha256_hex(last)
+            try:
+                seq = int(json.loads(last)["seq"]) + 1
+            except (ValueError, KeyError, TypeError):
+                raise VerificationError("last audit record is damaged; run audit", str(p)) from None
+        record: dict[str, Any] = {
+            "seq": seq, "time": time.time(), "event": event, "details": details, "prev": prev
+        }
+        record["hash"] = sha256_hex(canonical_json(record))
+        line = canonical_json(record)
         os.write(fd, line + b"\n")
         os.fsync(fd)
     finally:

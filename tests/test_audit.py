@@ -67,3 +67,23 @@ def test_truncated_last_record_is_reported(tmp_path: Path) -> None:
     with pytest.raises(VerificationError) as err:
         verify_audit_log(path)
     assert err.value.where == f"{path}:5"
+
+
+def test_concurrent_appenders_never_fork_the_chain(tmp_path: Path) -> None:
+    import multiprocessing
+
+    path = tmp_path / "audit.jsonl"
+    append_audit(path, "start", {})
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(path, w)) for w in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    assert verify_audit_log(path).records == 1 + 4 * 25
+
+
+def _append_many(path: Path, worker: int) -> None:
+    for i in range(25):
+        append_audit(path, "event", {"worker": worker, "i": i})

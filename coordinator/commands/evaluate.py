@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
             if seed != 0:
                 raise UsageError("the Flower evaluate message uses the sites' default seed 0",
                                  "--seed")
-            replies, errors = evaluate_over_flower(homes, blob, str(info["task"]))
+            replies, errors = evaluate_over_flower(homes, blob, str(info["task"]), seed)
             how = "Flower evaluate messages, simulation engine, node ClientApp"
         elif transport == "local":
             replies = evaluate_locally(homes, blob, str(info["task"]), seed)

@@ -57,6 +57,7 @@ def evaluate_over_flower(
     homes: Sequence[Path],
     model_blob: bytes,
     task: str,
+    seed: int = 0,
     *,
     timeout_s: float = 900.0,
     chunk_bytes: int = 1 << 20,
@@ -91,7 +92,8 @@ def evaluate_over_flower(
             time.sleep(0.5)
             nodes = list(grid.get_node_ids())
         messages = [
-            Message(RecordDict({"synthfed": ConfigRecord({"model": chunks, "task": task})}),
+            Message(RecordDict({"synthfed": ConfigRecord({"model": chunks, "task": task,
+                                                        "seed": int(seed)})}),
                     dst_node_id=node, message_type="evaluate")
             for node in nodes
         ]
