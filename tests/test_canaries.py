@@ -9,23 +9,9 @@ from privacy.calibrate import calibrate_thresholds, make_folds
 from privacy.canaries import ALTERATIONS, MUST_CATCH, alter, catch_rates, make_canaries
 from privacy.guard import Guard
 from privacy.metrics import PixelRMSE, ShiftFlipDistance
+from tests.test_screen import phantoms as _phantoms
 
 SIZE = 32
-
-
-def _phantoms(n: int, seed: int) -> np.ndarray:
-    """Smooth 'slices': a few bright blobs of random place and size on a dark disc."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    out = np.empty((n, SIZE, SIZE), dtype=np.float32)
-    for i in range(n):
-        img = 0.3 * ((yy - 16) ** 2 + (xx - 16) ** 2 < 13**2)
-        for _ in range(4):
-            cy, cx = rng.uniform(8, 24, 2)
-            r = rng.uniform(2, 5)
-            img = img + rng.uniform(0.2, 0.6) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r**2)
-        out[i] = np.clip(img, 0, 1)
-    return out
 
 
 @pytest.fixture(scope="module")

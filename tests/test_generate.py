@@ -15,22 +15,11 @@ from node.guard.run import _CANARY_STREAM, generate, generate_and_screen
 from node.store import Store
 from privacy.canaries import Canaries, make_canaries
 from privacy.errors import GuardError
-from tests.test_screen import make_guard_home, phantoms
-
-
-@pytest.fixture(scope="module")
-def calibrated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from node.home import init_home
-
-    home = tmp_path_factory.mktemp("template") / "home"
-    init_home(home, "site-a")
-    paths = make_guard_home(home)
-    prepare_guard(paths, load_node_config(paths))
-    return home
+from tests.test_screen import calibrated_home, phantoms  # noqa: F401 (fixture)
 
 
 @pytest.fixture
-def home(calibrated_home: Path, tmp_path: Path) -> NodePaths:
+def home(calibrated_home: Path, tmp_path: Path) -> NodePaths:  # noqa: F811 (fixture)
     shutil.copytree(calibrated_home, tmp_path / "home")
     return NodePaths(tmp_path / "home")
 
