@@ -28,8 +28,12 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# Long measurements (minutes to an hour each; results appended to bench/RESULTS.md).
+# Each script's --help says its subcommands; the generator and comparison ones need trained
+# models and ../shared/data.
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_ingest.py
+	$(BIN)/python bench/bench_guard.py catch --per-alteration 200
 
 clean-demo:
 	rm -rf runs/demo
