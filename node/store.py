@@ -145,7 +145,14 @@ class Store:
 
         Returns the number of slices added.
         """
-        known = self.known_instance_keys()
+        # Look up only this batch's keys: a full scan per batch would grow with the store.
+        keys = sorted({item.instance_key for item in batch})
+        known: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            known.update(row[0] for row in self.db.execute(
+                f"SELECT instance_key FROM slices WHERE instance_key IN ({marks})", chunk))
         todo: list[NewSlice] = []
         seen: set[str] = set()
         for item in batch:

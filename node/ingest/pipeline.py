@@ -677,20 +677,17 @@ def _finish(run: _Run, summary: IngestSummary, sources: list[Path]) -> None:
     summary.notes = notes
 
 
+_AUDITED_COUNTS = ("files", "slices", "slices_added", "patients", "series", "by_modality",
+                   "skipped", "plane", "image_size")
+
+
 def _audit_details(summary: IngestSummary, sources: list[Path]) -> dict[str, Any]:
     """Counts only, plus a digest of the source list (paths may name patients)."""
     listing = sorted(str(Path(s).absolute()) for s in sources)
+    counts = summary.to_dict()
     return {
         "sources": len(sources),
         "sources_digest": sha256_hex(canonical_json(listing)),
-        "files": summary.files,
-        "slices": summary.slices,
-        "slices_added": summary.slices_added,
-        "patients": summary.patients,
-        "series": summary.series,
-        "by_modality": dict(sorted(summary.by_modality.items())),
-        "skipped": dict(sorted(summary.skipped.items())),
-        "plane": summary.plane,
-        "image_size": summary.image_size,
+        **{key: counts[key] for key in _AUDITED_COUNTS},
         "split_method": summary.split.get("method"),
     }
