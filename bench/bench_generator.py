@@ -23,9 +23,12 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from node.store import NewSlice
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -39,52 +42,44 @@ def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
 
 
-def build_mr(home: Path, size: int) -> int:
+def read_mr(home: Path, size: int) -> list[NewSlice]:
     from PIL import Image
 
     from node.pseudonym import Pseudonymiser
-    from node.store import NewSlice, Store
+    from node.store import NewSlice
     from protocols.files import sha256_file
 
     root = DATA / "mr" / "brain-tumor-t1c"
     pseudo = Pseudonymiser.from_file(home / "keys" / "pseudonym.secret")
     rows = list(csv.DictReader(open(root / "patients.csv", encoding="utf-8")))
-    batch: list[NewSlice] = []
-    added = 0
-    with Store(home / "store") as store:
-        for row in rows:
-            path = root / row["file"]
-            raw = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
-            low, high = np.percentile(raw, [0.5, 99.5])
-            if high <= low:
-                continue
-            norm = np.clip((raw - low) / (high - low), 0.0, 1.0)
-            digest = sha256_file(path)
-            batch.append(NewSlice(
-                modality="MR", patient=pseudo.patient(row["patient_id"]),
-                series=pseudo.series(row["patient_id"] + "/" + row["label"]),
-                position=float(Path(row["file"]).stem), source_digest=digest,
-                instance_key=pseudo.instance(digest), pixels=_resize(norm, size),
-                unit="a.u.", scale=float(high - low), offset=float(low), label=row["label"],
-            ))
-            if len(batch) == 256:
-                added += store.add_batch(batch)
-                batch = []
-        added += store.add_batch(batch)
-        split = store.assign_split(0.2, lambda p: pseudo.rank(0, p))
-    print(f"MR store: {added} slices, split {split}")
-    return added
+    slices: list[NewSlice] = []
+    for row in rows:
+        path = root / row["file"]
+        raw = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        low, high = np.percentile(raw, [0.5, 99.5])
+        if high <= low:
+            continue
+        norm = np.clip((raw - low) / (high - low), 0.0, 1.0)
+        digest = sha256_file(path)
+        slices.append(NewSlice(
+            modality="MR", patient=pseudo.patient(row["patient_id"]),
+            series=pseudo.series(row["patient_id"] + "/" + row["label"]),
+            position=float(Path(row["file"]).stem), source_digest=digest,
+            instance_key=pseudo.instance(digest), pixels=_resize(norm, size),
+            unit="a.u.", scale=float(high - low), offset=float(low), label=row["label"],
+        ))
+    return slices
 
 
-def build_ct(home: Path, size: int) -> int:
+def read_ct(home: Path, size: int) -> list[NewSlice]:
     import pydicom
 
     from node.pseudonym import Pseudonymiser
-    from node.store import NewSlice, Store
+    from node.store import NewSlice
     from protocols.files import sha256_file
 
     pseudo = Pseudonymiser.from_file(home / "keys" / "pseudonym.secret")
-    batch: list[NewSlice] = []
+    slices: list[NewSlice] = []
     skipped = 0
     for path in sorted((DATA / "ct").rglob("*")):
         if not path.is_file() or path.suffix.lower() in (".md", ".csv", ".txt"):
@@ -106,32 +101,77 @@ def build_ct(home: Path, size: int) -> int:
         norm = np.clip((hu + 1024.0) / 4095.0, 0.0, 1.0)
         digest = sha256_file(path)
         position = float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else 0.0
-        batch.append(NewSlice(
+        slices.append(NewSlice(
             modality="CT", patient=pseudo.patient(str(ds.PatientID)),
             series=pseudo.series(str(ds.SeriesInstanceUID)), position=position,
             source_digest=digest, instance_key=pseudo.instance(str(ds.SOPInstanceUID)),
             pixels=_resize(norm, size), unit="HU", scale=4095.0, offset=-1024.0,
             spacing_mm=float(ds.PixelSpacing[0]) * ds.Rows / size,
         ))
+    print(f"CT: {len(slices)} axial slices read, {skipped} skipped (not axial or unreadable)")
+    return slices
+
+
+def write_store(home: Path, slices: list[NewSlice]) -> int:
+    from node.pseudonym import Pseudonymiser
+    from node.store import Store
+
+    pseudo = Pseudonymiser.from_file(home / "keys" / "pseudonym.secret")
+    added = 0
     with Store(home / "store") as store:
-        added = 0
-        for start in range(0, len(batch), 64):
-            added += store.add_batch(batch[start : start + 64])
+        for start in range(0, len(slices), 256):
+            added += store.add_batch(slices[start : start + 256])
         split = store.assign_split(0.2, lambda p: pseudo.rank(0, p))
-    print(f"CT store: {added} slices ({skipped} skipped: not axial or unreadable), {split}")
+    print(f"store: {added} slices, {split}")
     return added
+
+
+# A pack carries already-pseudonymised, already-resampled slices to a machine without
+# ../shared (the lent GPU machine): pixels as uint8 (MR: 8-bit JPEG sources, so quantising the
+# normalised [0, 1] values to 1/255 costs at most 0.002) or float16 (CT), metadata as JSON.
+_PACK_FIELDS = ("modality", "patient", "series", "position", "source_digest", "instance_key",
+                "unit", "scale", "offset", "spacing_mm", "label")
+
+
+def write_pack(slices: list[NewSlice], out: Path, dtype: str) -> None:
+    stack = np.stack([s.pixels for s in slices])
+    pixels = np.round(stack * 255).astype(np.uint8) if dtype == "uint8" else stack.astype(
+        np.float16)
+    meta = [{k: getattr(s, k) for k in _PACK_FIELDS} for s in slices]
+    np.savez_compressed(out, pixels=pixels, meta=np.array(json.dumps(meta)))
+    print(f"pack {out}: {len(slices)} slices, {out.stat().st_size / 1e6:.1f} MB")
+
+
+def read_pack(path: Path) -> list[NewSlice]:
+    from node.store import NewSlice
+
+    with np.load(path) as pack:
+        pixels, meta = pack["pixels"], json.loads(str(pack["meta"]))
+    scale = 255.0 if pixels.dtype == np.uint8 else 1.0
+    return [NewSlice(pixels=(pixels[i].astype(np.float32) / scale), **meta[i])
+            for i in range(len(meta))]
 
 
 def cmd_build(args: argparse.Namespace) -> None:
     from node.home import init_home
 
     home = Path(args.home)
+    if args.from_pack:
+        slices = read_pack(Path(args.from_pack))
+        size = int(slices[0].pixels.shape[-1])
+    else:
+        size = args.size
     if not (home / "node.yaml").exists():
         init_home(home, f"bench-{args.kind}")
     text = (home / "node.yaml").read_text()
-    text = text.replace("image_size: 64", f"image_size: {args.size}")
+    text = text.replace("image_size: 64", f"image_size: {size}")
     (home / "node.yaml").write_text(text)
-    (build_mr if args.kind == "mr" else build_ct)(home, args.size)
+    if not args.from_pack:
+        slices = (read_mr if args.kind == "mr" else read_ct)(home, size)
+    if args.pack:
+        write_pack(slices, Path(args.pack), "uint8" if args.kind == "mr" else "float16")
+    else:
+        write_store(home, slices)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -144,9 +184,41 @@ def cmd_train(args: argparse.Namespace) -> None:
         config.generator.ae_steps = args.ae_steps
     if args.diffusion_steps:
         config.generator.diffusion_steps = args.diffusion_steps
+    if args.budget_s:
+        ae, diff = _steps_for_budget(paths, config, args.preset, args.budget_s)
+        config.generator.ae_steps, config.generator.diffusion_steps = ae, diff
+        print(f"budget {args.budget_s:.0f} s: {ae} autoencoder + {diff} diffusion steps")
     summary = train_generator(paths, config, preset=args.preset, resume=args.resume,
                               overwrite=not args.resume, progress=True)
     print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def _steps_for_budget(paths: object, config: object, preset: str, budget_s: float,
+                      ae_share: float = 0.35) -> tuple[int, int]:
+    """Step counts that fill ``budget_s`` seconds of training, from timed probe steps.
+
+    Only the step counts change (the LR schedules still run to completion); a third of the
+    budget goes to the autoencoder as in the presets. The probe's weights are thrown away.
+    """
+    from node.generator.device import choose_device
+    from node.generator.presets import resolve_config
+    from node.generator.train import _Run, load_training_data
+    from node.store import Store
+
+    cfg = resolve_config(config.generator, preset)  # type: ignore[attr-defined]
+    with Store(paths.store) as store:  # type: ignore[attr-defined]
+        data, digest = load_training_data(store, cfg.conditioning)
+    run = _Run(cfg, data, choose_device(None), digest)
+    run.step = cfg.ae_adversarial_start if cfg.ae_adversarial_weight > 0 else 0
+    ae_rate = _time_steps(run, "autoencoder", 10)
+    run.step = cfg.ae_steps
+    diff_rate = _time_steps(run, "diffusion", 10)
+    del run
+    ae_steps = max(10, int(budget_s * ae_share * ae_rate))
+    # The adversarial loss starts at the same fraction of the (shorter) autoencoder stage.
+    config.generator.ae_adversarial_start = int(  # type: ignore[attr-defined]
+        ae_steps * cfg.ae_adversarial_start / cfg.ae_steps)
+    return ae_steps, max(10, int(budget_s * (1 - ae_share) * diff_rate))
 
 
 def _time_steps(run: object, stage: str, n: int) -> float:
@@ -200,7 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         f"## generator: {args.label}",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {platform.machine()} {os.cpu_count()}-core CPU shared with other jobs,"
+        f"- machine: {platform.machine()} {os.cpu_count()}-core CPU,"
         f" torch threads {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}),"
         f" device {describe_device(device)}",
         f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python"
@@ -210,7 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     ]
     for key, value in figures.items():
         lines.append(f"- {key}: {value:.3f}")
-    results = REPO / "bench" / "RESULTS.md"
+    results = Path(args.results) if args.results else REPO / "bench" / "RESULTS.md"
     if not results.exists():
         results.write_text("# Benchmark results\n\nMachine, date, command and figures of each"
                            " run, newest last.\n")
@@ -226,6 +298,8 @@ def main() -> None:
     p.add_argument("--home", required=True)
     p.add_argument("--kind", choices=("mr", "ct"), required=True)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--pack", default="", help="write a pack (.npz) instead of a store")
+    p.add_argument("--from-pack", default="", help="build the store from a pack")
     p.set_defaults(func=cmd_build)
     p = sub.add_parser("train")
     p.add_argument("--home", required=True)
@@ -233,11 +307,14 @@ def main() -> None:
     p.add_argument("--ae-steps", type=int, default=0)
     p.add_argument("--diffusion-steps", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="set both stages' step counts to fill this many seconds")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("bench")
     p.add_argument("--home", required=True)
     p.add_argument("--label", default="")
     p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--results", default="", help="append here instead of bench/RESULTS.md")
     p.add_argument("--count", type=int, default=32)
     p.add_argument("--ddpm-count", type=int, default=4)
     p.set_defaults(func=cmd_bench)

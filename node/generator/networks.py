@@ -104,8 +104,12 @@ class Ema:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - d)
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        if len(ema_params) != len(params):
+            raise ValueError("EMA model and model differ in their parameters")
+        # One fused multi-tensor kernel instead of one launch per parameter (GPU step time).
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 

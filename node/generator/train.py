@@ -158,7 +158,8 @@ class _Run:
         self.ae: Any = build_autoencoder(cfg).to(device)
         self.ae_ema = Ema(self.ae, cfg.ema_decay)
         self.ae_opt = torch.optim.AdamW(
-            self.ae.parameters(), lr=cfg.ae_lr, weight_decay=cfg.weight_decay
+            self.ae.parameters(), lr=cfg.ae_lr, weight_decay=cfg.weight_decay,
+            fused=device.type == "cuda",
         )
         self.ae_sched = torch.optim.lr_scheduler.LambdaLR(
             self.ae_opt, lr_lambda_for(cfg.ae_steps, cfg.warmup_fraction)
@@ -168,12 +169,15 @@ class _Run:
         if cfg.ae_adversarial_weight > 0:
             torch.manual_seed(step_seed(cfg.seed, 102))
             self.disc = build_discriminator(cfg).to(device)
-            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.ae_lr)
+            self.disc_opt = torch.optim.AdamW(
+                self.disc.parameters(), lr=cfg.ae_lr, fused=device.type == "cuda"
+            )
         torch.manual_seed(step_seed(cfg.seed, 103))
         self.unet: Any = build_unet(cfg, len(data.classes)).to(device)
         self.unet_ema = Ema(self.unet, cfg.ema_decay)
         self.unet_opt = torch.optim.AdamW(
-            self.unet.parameters(), lr=cfg.diffusion_lr, weight_decay=cfg.weight_decay
+            self.unet.parameters(), lr=cfg.diffusion_lr, weight_decay=cfg.weight_decay,
+            fused=device.type == "cuda",
         )
         self.unet_sched = torch.optim.lr_scheduler.LambdaLR(
             self.unet_opt, lr_lambda_for(cfg.diffusion_steps, cfg.warmup_fraction)
