@@ -319,6 +319,40 @@ def run_throughput(args: argparse.Namespace) -> None:
     _append("\n".join(lines))
 
 
+# ---- guard cost in a normal generate run --------------------------------------------------
+
+
+def run_cost(args: argparse.Namespace) -> None:
+    """generate_and_screen on a home with a trained generator: sampling vs guard seconds."""
+
+    from node.config import load_node_config, resolve_home
+    from node.guard.calibration import prepare_guard
+    from node.guard.run import generate_and_screen
+
+    paths = resolve_home(args.home)
+    config = load_node_config(paths)
+    t0 = time.perf_counter()
+    prepare_guard(paths, config, progress=False)
+    prepare_s = time.perf_counter() - t0
+    run = generate_and_screen(paths, config, args.count, seed=args.seed, progress=False)
+    timing = run.report["timing_s"]
+    ratio = timing["guard"] / timing["sampling"]
+    tried = run.local_report.get("tried", run.report.get("tried"))
+    section = f"""
+## Guard: cost in a generate run ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)
+
+- machine: {_machine()}
+- command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
+  bench/bench_guard.py cost --home {args.home} --count {args.count} --seed {args.seed}`
+- home: {args.label}
+- guard preparation (reference, calibration, encoder; cached after the first run): {prepare_s:.1f} s
+- generate: {run.report["exported"]} exported of {tried} sampled;
+  sampling {timing["sampling"]:.2f} s, guard {timing["guard"]:.2f} s (every metric, the run's
+  canaries included): guard / sampling = {ratio:.1%}
+"""
+    print(section)
+    _append(section)
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -333,12 +367,13 @@ def main() -> None:
     t.add_argument("--components", type=int, default=64)
     t.add_argument("--blocks", type=int, default=32)
     t.add_argument("--ram-gib", type=float, default=14.0)
+    c = sub.add_parser("cost")
+    c.add_argument("--home", required=True)
+    c.add_argument("--count", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--label", default="")
     args = parser.parse_args()
-    if args.cmd == "catch":
-        run_catch(args)
-    else:
-        run_throughput(args)
-
+    {"catch": run_catch, "throughput": run_throughput, "cost": run_cost}[args.cmd](args)
 
 if __name__ == "__main__":
     main()

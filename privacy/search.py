@@ -49,6 +49,18 @@ bounds first, and ``U`` is tightened after each wave. The k best distinct refere
 a reference's variants) are kept. The distances equal brute force's bit for bit; on an exact
 tie between two references the index reported may be either.
 
+**The float32 filter.** Pairs that survive the bound are not all evaluated exactly. For one
+query, the dot products of its candidate variants with its candidate references come from
+one float32 GEMM (variants are float32 and references float16 / float32, so the inputs are
+exact in float32). Whatever order the BLAS sums in, ``|fl(v.r) - v.r| <= gamma32_F |v|.|r|
+<= gamma32_F |v| |r|`` (Higham, eq. 3.5, and Cauchy-Schwarz), ``gamma32_F = F u / (1 - F u)``,
+``u = 2^-24``. With ``|v|^2`` and ``|r|^2`` computed in float64, each pair's true squared
+distance lies within ``approx +- (2 gamma32_F + 1e-12) |v| |r| + 1e-12 (|v|^2 + |r|^2)`` of
+``approx = |v|^2 + |r|^2 - 2 fl(v.r)``. The k-th smallest of the current k best (exact) and
+of the upper ends of this chunk's other references (each reference counted once) bounds the
+true k-th best distance from above; only
+pairs whose lower end is at or below it are evaluated exactly, in float64.
+
 What this module must never do: use an approximate index to skip a reference, or read files.
 """
 
@@ -75,6 +87,8 @@ MAX_COMPONENTS = 512
 MAX_BLOCKS = 512
 _EXACT_ROWS = 2048
 _SEED_REFS = 8
+_U32 = 2.0**-24  # unit roundoff of float32
+_SLACK64 = 1e-12  # covers the float64 combination of the float32 products with the norms
 
 
 def exact_sq_distances(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -255,6 +269,10 @@ class ExactIndex:
         self.aug = aug
         self.aug_sq = np.sum(aug.astype(np.float64) ** 2, axis=1).astype(np.float32)
         self.norms = norms.astype(np.float32)
+        self.sq_norms = np.empty(n, dtype=np.float64)  # exact |r|^2 of the stored rows
+        for start in range(0, n, chunk_rows):
+            block = feats[start : start + chunk_rows].astype(np.float64)
+            self.sq_norms[start : start + chunk_rows] = np.einsum("ij,ij->i", block, block)
 
     @property
     def n_components(self) -> int:
@@ -291,6 +309,7 @@ class ExactIndex:
             stop = min(q * t, start + self.chunk_rows)
             aug_v[start:stop], norm_v[start:stop] = self._augment(flat[start:stop])
         aug_v_sq = np.sum(aug_v.astype(np.float64) ** 2, axis=1).astype(np.float32)
+        var_sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64).reshape(q, t)
         norm_v32 = norm_v.astype(np.float32)
         top = _Top(q, k)
         evaluated = np.zeros(q, dtype=np.int64)
@@ -326,24 +345,63 @@ class ExactIndex:
                 cq, ct, cr = np.nonzero(lb3 < bound32[:, None, None])
                 vals = lb3[cq, ct, cr].astype(np.float64)
                 keep = vals < bound[cq]  # exact filter (the float32 bound was rounded up)
-                cq, ct, cr, vals = cq[keep], ct[keep], cr[keep], vals[keep]
-                order = np.lexsort((vals, cq))
-                cq, ct, cr, vals = cq[order], ct[order], cr[order], vals[order]
-                wave = 16
-                while cq.size:
-                    # Per query, the `wave` pairs of smallest bound first; then re-filter the
-                    # rest against the tightened k-th best.
-                    rank = _rank_in_groups(cq)
-                    first = rank < wave
-                    self._evaluate(var, top, evaluated, cq[first] + q0, ct[first], cr[first] + n0)
-                    rest = ~first
-                    cq, ct, cr, vals = cq[rest], ct[rest], cr[rest], vals[rest]
-                    keep = vals < top.kth(cq + q0)
-                    cq, ct, cr, vals = cq[keep], ct[keep], cr[keep], vals[keep]
-                    wave *= 4
+                cq, ct, cr = cq[keep], ct[keep], cr[keep]
+                self._refine(var, var_sq, top, evaluated, cq + q0, ct, cr + n0)
         return Nearest(
             sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated
         )
+
+    def _refine(
+        self,
+        var: np.ndarray,
+        var_sq: np.ndarray,
+        top: _Top,
+        evaluated: np.ndarray,
+        cq: np.ndarray,
+        ct: np.ndarray,
+        cr: np.ndarray,
+    ) -> None:
+        """Exact k-best update from the candidate pairs ``(cq, ct, cr)`` of one chunk.
+
+        Per query, one float32 GEMM over its candidate variants x candidate references gives
+        every pair's distance to within a proven interval (module docstring, "The float32
+        filter"); only pairs whose interval reaches below an upper bound on the k-th best
+        distance are evaluated exactly (float64). The rest are proven not among the k best.
+        """
+        if cq.size == 0:
+            return
+        f = var.shape[2]
+        gamma = f * _U32 / (1.0 - f * _U32)
+        order = np.argsort(cq, kind="stable")
+        cq, ct, cr = cq[order], ct[order], cr[order]
+        starts = np.flatnonzero(np.r_[True, cq[1:] != cq[:-1]])
+        ends = np.r_[starts[1:], cq.size]
+        for a, b in zip(starts, ends, strict=True):
+            qi = int(cq[a])
+            ts, t_inv = np.unique(ct[a:b], return_inverse=True)
+            rs, r_inv = np.unique(cr[a:b], return_inverse=True)
+            vm = np.asarray(var[qi, ts], dtype=np.float32)
+            rm = np.asarray(self.features[rs], dtype=np.float32)
+            g = (vm @ rm.T).astype(np.float64)  # [Tq, Rq], float32 products and sums
+            vsq, rsq = var_sq[qi, ts], self.sq_norms[rs]
+            approx = vsq[:, None] + rsq[None, :] - 2.0 * g
+            err = (2.0 * gamma + _SLACK64) * np.sqrt(vsq)[:, None] * np.sqrt(rsq)[None, :]
+            err += _SLACK64 * (vsq[:, None] + rsq[None, :])
+            # Only the candidate pairs count (the others were pruned by the lower bound).
+            lo = (approx - err)[t_inv, r_inv]
+            hi = (approx + err)[t_inv, r_inv]
+            hi_ref = np.full(rs.size, np.inf)
+            np.minimum.at(hi_ref, r_inv, hi)
+            kk = top.k
+            # Upper bound on the true k-th best distance: the current k best (exact, other
+            # chunks' references) and this chunk's references' upper bounds, together.
+            # Count each reference once: one already among the k best keeps its exact value.
+            fresh = ~np.isin(rs, top.index[qi])
+            pool = np.concatenate([top.sq[qi], hi_ref[fresh]])
+            limit = np.partition(pool, kk - 1)[kk - 1] if pool.size >= kk else np.inf
+            pick = lo <= limit
+            self._evaluate(var, top, evaluated, np.full(int(pick.sum()), qi, dtype=np.int64),
+                           ts[t_inv[pick]], rs[r_inv[pick]])
 
     def _evaluate(
         self,
