@@ -255,7 +255,8 @@ def run_throughput(args: argparse.Namespace) -> None:
         "queries: other generated slices (from held-out real slices); threshold midway between "
         "the two smallest exact nearest distances, so both outcomes occur",
         "- guard = ExactIndex.nearest (exact distances, float64) after the proven bound "
-        "(PCA axes + per-block residual norms); "
+        "(PCA axes + per-block residual norms) and the proven float32 GEMM interval filter "
+        "('exact pairs' counts the float64 evaluations only); "
         "brute force = faiss.IndexFlatL2 over the same reference (float32, added in chunks of "
         "100k rows), decisions from its float32 distances; build = the guard's one-off "
         "projection of the reference (cached at a site), reported apart",
@@ -337,7 +338,7 @@ def run_cost(args: argparse.Namespace) -> None:
     run = generate_and_screen(paths, config, args.count, seed=args.seed, progress=False)
     timing = run.report["timing_s"]
     ratio = timing["guard"] / timing["sampling"]
-    tried = run.local_report.get("tried", run.report.get("tried"))
+    tried = run.report["candidates_tried"]
     section = f"""
 ## Guard: cost in a generate run ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)
 
@@ -364,8 +365,8 @@ def main() -> None:
     t.add_argument("--sizes", default="64,128")
     t.add_argument("--refs", default="10000,100000,1000000")
     t.add_argument("--queries", type=int, default=64)
-    t.add_argument("--components", type=int, default=64)
-    t.add_argument("--blocks", type=int, default=32)
+    t.add_argument("--components", type=int, default=256)
+    t.add_argument("--blocks", type=int, default=64)
     t.add_argument("--ram-gib", type=float, default=14.0)
     c = sub.add_parser("cost")
     c.add_argument("--home", required=True)

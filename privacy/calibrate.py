@@ -225,7 +225,7 @@ def calibrate_thresholds(
     quantile: float,
     floors: dict[str, float] | None = None,
     neighbour_pairs: np.ndarray | None = None,
-    n_components: int = 64,
+    n_components: int = 256,
     seed: int = 0,
 ) -> Calibration:
     """Thresholds per metric from exact nearest distances over ``folds`` of ``images``.

@@ -86,7 +86,7 @@ class Guard:
         metrics: Sequence[Metric],
         reference: np.ndarray,
         thresholds: dict[str, float],
-        n_components: int = 64,
+        n_components: int = 256,
         seed: int = 0,
     ) -> None:
         if not metrics:

@@ -231,11 +231,11 @@ class ExactIndex:
     def __init__(
         self,
         features: np.ndarray,
-        n_components: int = 128,
+        n_components: int = 256,
         sample_size: int = 2048,
         seed: int = 0,
         chunk_rows: int = 8192,
-        residual_blocks: int = 32,
+        residual_blocks: int = 64,
     ) -> None:
         feats = _as_matrix(features, "reference")
         n, f = feats.shape
@@ -345,8 +345,8 @@ class ExactIndex:
                 cq, ct, cr = np.nonzero(lb3 < bound32[:, None, None])
                 vals = lb3[cq, ct, cr].astype(np.float64)
                 keep = vals < bound[cq]  # exact filter (the float32 bound was rounded up)
-                cq, ct, cr = cq[keep], ct[keep], cr[keep]
-                self._refine(var, var_sq, top, evaluated, cq + q0, ct, cr + n0)
+                cq, ct, cr, vals = cq[keep], ct[keep], cr[keep], vals[keep]
+                self._refine(var, var_sq, top, evaluated, cq + q0, ct, cr + n0, vals)
         return Nearest(
             sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated
         )
@@ -360,48 +360,72 @@ class ExactIndex:
         cq: np.ndarray,
         ct: np.ndarray,
         cr: np.ndarray,
+        lb: np.ndarray,
     ) -> None:
         """Exact k-best update from the candidate pairs ``(cq, ct, cr)`` of one chunk.
 
-        Per query, one float32 GEMM over its candidate variants x candidate references gives
-        every pair's distance to within a proven interval (module docstring, "The float32
-        filter"); only pairs whose interval reaches below an upper bound on the k-th best
-        distance are evaluated exactly (float64). The rest are proven not among the k best.
+        ``lb``: each pair's safe lower bound on its squared distance. Per query, candidates are
+        taken in waves of increasing bound; one float32 GEMM per wave gives each pair's
+        distance to within a proven interval (module docstring, "The float32 filter") and
+        tightens an upper bound on the k-th best distance, which drops later candidates whose
+        lower bound is above it. At the end only pairs whose interval reaches down to that
+        upper bound are evaluated exactly (float64); every other pair is proven not among the
+        k best.
         """
         if cq.size == 0:
             return
         f = var.shape[2]
         gamma = f * _U32 / (1.0 - f * _U32)
-        order = np.argsort(cq, kind="stable")
-        cq, ct, cr = cq[order], ct[order], cr[order]
+        order = np.lexsort((lb, cq))
+        cq, ct, cr, lb = cq[order], ct[order], cr[order], lb[order]
         starts = np.flatnonzero(np.r_[True, cq[1:] != cq[:-1]])
         ends = np.r_[starts[1:], cq.size]
         for a, b in zip(starts, ends, strict=True):
             qi = int(cq[a])
-            ts, t_inv = np.unique(ct[a:b], return_inverse=True)
-            rs, r_inv = np.unique(cr[a:b], return_inverse=True)
-            vm = np.asarray(var[qi, ts], dtype=np.float32)
-            rm = np.asarray(self.features[rs], dtype=np.float32)
-            g = (vm @ rm.T).astype(np.float64)  # [Tq, Rq], float32 products and sums
-            vsq, rsq = var_sq[qi, ts], self.sq_norms[rs]
-            approx = vsq[:, None] + rsq[None, :] - 2.0 * g
-            err = (2.0 * gamma + _SLACK64) * np.sqrt(vsq)[:, None] * np.sqrt(rsq)[None, :]
-            err += _SLACK64 * (vsq[:, None] + rsq[None, :])
-            # Only the candidate pairs count (the others were pruned by the lower bound).
-            lo = (approx - err)[t_inv, r_inv]
-            hi = (approx + err)[t_inv, r_inv]
-            hi_ref = np.full(rs.size, np.inf)
-            np.minimum.at(hi_ref, r_inv, hi)
-            kk = top.k
-            # Upper bound on the true k-th best distance: the current k best (exact, other
-            # chunks' references) and this chunk's references' upper bounds, together.
-            # Count each reference once: one already among the k best keeps its exact value.
-            fresh = ~np.isin(rs, top.index[qi])
-            pool = np.concatenate([top.sq[qi], hi_ref[fresh]])
-            limit = np.partition(pool, kk - 1)[kk - 1] if pool.size >= kk else np.inf
-            pick = lo <= limit
+            qt, qr, qlb = ct[a:b], cr[a:b], lb[a:b]
+            in_top = top.index[qi]
+            limit = top.sq[qi, top.k - 1]
+            ref_ids = np.zeros(0, dtype=np.int64)  # references seen, with their best upper end
+            ref_hi = np.zeros(0)
+            pend_t, pend_r, pend_lo = [], [], []
+            done, wave = 0, 64
+            while done < qt.size:
+                stop = min(qt.size, done + wave)
+                wt, wr = qt[done:stop], qr[done:stop]
+                keep = qlb[done:stop] <= limit
+                wt, wr = wt[keep], wr[keep]
+                done, wave = stop, wave * 4
+                if wt.size == 0:
+                    break  # bounds are sorted: every later pair is above the limit too
+                ts, t_inv = np.unique(wt, return_inverse=True)
+                rs, r_inv = np.unique(wr, return_inverse=True)
+                vm = np.asarray(var[qi, ts], dtype=np.float32)
+                rm = np.asarray(self.features[rs], dtype=np.float32)
+                g = (vm @ rm.T).astype(np.float64)  # float32 products and sums
+                vsq, rsq = var_sq[qi, ts], self.sq_norms[rs]
+                approx = (vsq[:, None] + rsq[None, :] - 2.0 * g)[t_inv, r_inv]
+                err = ((2.0 * gamma + _SLACK64) * np.sqrt(vsq[t_inv] * rsq[r_inv])
+                       + _SLACK64 * (vsq[t_inv] + rsq[r_inv]))
+                lo, hi = approx - err, approx + err
+                # Upper bound on the true k-th best: the k best so far (exact) and the best
+                # upper end of every other reference seen, each reference counted once.
+                ref_ids = np.concatenate([ref_ids, wr])
+                ref_hi = np.concatenate([ref_hi, hi])
+                uniq, inv = np.unique(ref_ids, return_inverse=True)
+                best = np.full(uniq.size, np.inf)
+                np.minimum.at(best, inv, ref_hi)
+                ref_ids, ref_hi = uniq, best
+                pool = np.concatenate([top.sq[qi], best[~np.isin(uniq, in_top)]])
+                limit = min(limit, float(np.partition(pool, top.k - 1)[top.k - 1]))
+                pend_t.append(wt)
+                pend_r.append(wr)
+                pend_lo.append(lo)
+            if not pend_t:
+                continue
+            pt, pr, plo = np.concatenate(pend_t), np.concatenate(pend_r), np.concatenate(pend_lo)
+            pick = plo <= limit
             self._evaluate(var, top, evaluated, np.full(int(pick.sum()), qi, dtype=np.int64),
-                           ts[t_inv[pick]], rs[r_inv[pick]])
+                           pt[pick], pr[pick])
 
     def _evaluate(
         self,
