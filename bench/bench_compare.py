@@ -2,7 +2,7 @@
 
     python bench/bench_compare.py build --task denoise|sr      # site homes via node.ingest
     python bench/bench_compare.py generators --task denoise|sr [--preset tiny|cpu]
-        [--max-steps N]                                         # each site's own generator
+        [--max-steps N] [--ae-steps N --diffusion-steps N]     # each site's own generator
     python bench/bench_compare.py synth --task denoise|sr [--count N]   # arm S's guarded data
     python bench/bench_compare.py run --task denoise|sr [--steps N] [--batch-size N]
         [--arms S,R,L,F,0] [--synthetic guard|none] [--preset cpu|tiny] [--no-record]
@@ -123,16 +123,26 @@ def build(task: str) -> None:
     print(f"homes ready in {time.monotonic() - t0:.0f} s")
 
 
-def generators(task: str, preset: str, max_steps: int | None) -> None:
-    """Train each site's own generator on its own train split (arm S needs them)."""
+def generators(task: str, preset: str, max_steps: int | None, ae_steps: int = 0,
+               diffusion_steps: int = 0) -> None:
+    """Train each site's own generator on its own train split (arm S needs them).
+
+    ``ae_steps`` / ``diffusion_steps`` shorten the stages with complete LR schedules;
+    ``max_steps`` stops early inside the preset's schedule.
+    """
     from node.config import load_node_config, resolve_home
     from node.generator.train import train_generator
 
     config = _load(task)
     for site_cfg in config.sites:
         paths = resolve_home(REPO / site_cfg.home)
+        node_config = load_node_config(paths)
+        if ae_steps:
+            node_config.generator.ae_steps = ae_steps
+        if diffusion_steps:
+            node_config.generator.diffusion_steps = diffusion_steps
         t0 = time.monotonic()
-        summary = train_generator(paths, load_node_config(paths), preset=preset,
+        summary = train_generator(paths, node_config, preset=preset,
                                   max_steps=max_steps, progress=True, overwrite=True,
                                   quality=False)
         print(f"{site_cfg.name}: generator {preset} trained to step {summary.get('step')} in "
@@ -314,6 +324,8 @@ def main() -> None:
     g.add_argument("--task", choices=("denoise", "sr"), required=True)
     g.add_argument("--preset", choices=("tiny", "cpu", "gpu"), default="tiny")
     g.add_argument("--max-steps", type=int, default=None)
+    g.add_argument("--ae-steps", type=int, default=0)
+    g.add_argument("--diffusion-steps", type=int, default=0)
     y = sub.add_parser("synth")
     y.add_argument("--task", choices=("denoise", "sr"), required=True)
     y.add_argument("--count", type=int, default=0, help="per site; 0 = its train count")
@@ -332,7 +344,8 @@ def main() -> None:
     if args.cmd == "build":
         build(args.task)
     elif args.cmd == "generators":
-        generators(args.task, args.preset, args.max_steps)
+        generators(args.task, args.preset, args.max_steps, args.ae_steps,
+                   args.diffusion_steps)
     elif args.cmd == "synth":
         synth(args.task, args.count, args.seed)
     else:

@@ -52,7 +52,8 @@ tie between two references the index reported may be either.
 **The float32 filter.** Pairs that survive the bound are not all evaluated exactly. For one
 query, the dot products of its candidate variants with its candidate references come from
 one float32 GEMM (variants are float32 and references float16 / float32, so the inputs are
-exact in float32). Whatever order the BLAS sums in, ``|fl(v.r) - v.r| <= gamma32_F |v|.|r|
+exact in float32; float64 inputs are rounded, which adds ``3u`` to the coefficient below).
+Whatever order the BLAS sums in, ``|fl(v.r) - v.r| <= gamma32_F |v|.|r|
 <= gamma32_F |v| |r|`` (Higham, eq. 3.5, and Cauchy-Schwarz), ``gamma32_F = F u / (1 - F u)``,
 ``u = 2^-24``. With ``|v|^2`` and ``|r|^2`` computed in float64, each pair's true squared
 distance lies within ``approx +- (2 gamma32_F + 1e-12) |v| |r| + 1e-12 (|v|^2 + |r|^2)`` of
@@ -375,7 +376,8 @@ class ExactIndex:
         if cq.size == 0:
             return
         f = var.shape[2]
-        gamma = f * _U32 / (1.0 - f * _U32)
+        # gamma32_F, plus 3u for float64 inputs rounded to float32 on the way into the GEMM.
+        gamma = f * _U32 / (1.0 - f * _U32) + 3.0 * _U32
         order = np.lexsort((lb, cq))
         cq, ct, cr, lb = cq[order], ct[order], cr[order], lb[order]
         starts = np.flatnonzero(np.r_[True, cq[1:] != cq[:-1]])

@@ -96,6 +96,23 @@ def test_exact_distance_of_a_row_does_not_depend_on_the_other_rows() -> None:
     np.testing.assert_array_equal(pairs, full[rows])
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1e-7, 1e-6, 1e-5, 1e-3]),
+       st.sampled_from([np.float16, np.float32, np.float64]))
+def test_float32_filter_keeps_exactness_on_near_ties(seed: int, spread: float, dtype) -> None:  # type: ignore[no-untyped-def]
+    # References that differ by far less than the float32 GEMM's rounding at F = 4096: the
+    # filter's intervals overlap, so the decision must fall back to float64 and still equal
+    # brute force bit for bit.
+    rng = np.random.default_rng(seed)
+    base = rng.random(4096)
+    ref = (base[None, :] + rng.normal(0, spread, (300, 4096))).astype(dtype)
+    var = (base[None, None, :] + rng.normal(0, spread, (3, 2, 4096))).astype(dtype)
+    k = int(rng.integers(1, 4))
+    got = ExactIndex(ref, n_components=16, residual_blocks=8).nearest(var, k=k)
+    want = brute_force_nearest(var, ref, k=k)
+    _assert_same(got, want)
+
+
 def test_pruning_skips_most_references_on_structured_data() -> None:
     rng = np.random.default_rng(1)
     centres = rng.random((50, 256))
