@@ -104,7 +104,7 @@ class Ema:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema_params = list(self.model.parameters())
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
         if len(ema_params) != len(params):
             raise ValueError("EMA model and model differ in their parameters")

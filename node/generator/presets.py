@@ -19,8 +19,8 @@ __all__ = ["PRESETS", "GeneratorConfig", "resolve_config", "config_from_dict"]
 
 # tiny: seconds on 2 cores at 32x32..64x64 (tests, demo); cpu: ~1 h on 2 cores at 64x64;
 # gpu: 128x128 and up with bf16 autocast; on an H100 its UNet steps are launch-bound (10.6
-# steps/s at batch 64 on 16x16x4 latents), so the batch is 256 for the same step time. The cpu networks
-# were sized from step times measured on the idle 2-core box (2 threads, 64x64): 0.34 s per
+# steps/s at batch 64 on 16x16x4 latents), so the batch is 256 for the same step time. The cpu
+# networks were sized from step times measured on the idle 2-core box (2 threads, 64x64): 0.34 s per
 # autoencoder step (batch 16) and 0.26 s per UNet step (batch 32), so 3,000 + 8,000 steps is
 # about 52 minutes: an autoencoder with a 4x downsampling (64x64 -> 16x16x3 latents) and a UNet
 # with attention only at the two coarse latent levels.
