@@ -55,11 +55,12 @@ one float32 GEMM (variants are float32 and references float16 / float32, so the 
 exact in float32; float64 inputs are rounded, which adds ``3u`` to the coefficient below).
 Whatever order the BLAS sums in, ``|fl(v.r) - v.r| <= gamma32_F |v|.|r|
 <= gamma32_F |v| |r|`` (Higham, eq. 3.5, and Cauchy-Schwarz), ``gamma32_F = F u / (1 - F u)``,
-``u = 2^-24``. With ``|v|^2`` and ``|r|^2`` computed in float64, each pair's true squared
-distance lies within ``approx +- (2 gamma32_F + 1e-12) |v| |r| + 1e-12 (|v|^2 + |r|^2)`` of
-``approx = |v|^2 + |r|^2 - 2 fl(v.r)``. The k-th smallest of the current k best (exact) and
-of the upper ends of this chunk's other references (each reference counted once) bounds the
-true k-th best distance from above; only
+``u = 2^-24``. With ``|v|^2`` and ``|r|^2`` computed in float64 (relative error at most
+``gamma64_F``; the combination adds a few float64 roundings), each pair's true squared distance
+lies within ``approx +- (2 gamma32_F + s) |v| |r| + s (|v|^2 + |r|^2)`` of
+``approx = |v|^2 + |r|^2 - 2 fl(v.r)``, with ``s = 2 (F + 4) 2^-53 >= gamma64_{F+4}``.
+The k-th smallest of the current k best (exact) and of the upper ends of this chunk's other
+references (each reference counted once) bounds the true k-th best distance from above; only
 pairs whose lower end is at or below it are evaluated exactly, in float64.
 
 What this module must never do: use an approximate index to skip a reference, or read files.
@@ -89,7 +90,7 @@ MAX_BLOCKS = 512
 _EXACT_ROWS = 2048
 _SEED_REFS = 8
 _U32 = 2.0**-24  # unit roundoff of float32
-_SLACK64 = 1e-12  # covers the float64 combination of the float32 products with the norms
+_U64 = 2.0**-53  # unit roundoff of float64
 
 
 def exact_sq_distances(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -378,6 +379,8 @@ class ExactIndex:
         f = var.shape[2]
         # gamma32_F, plus 3u for float64 inputs rounded to float32 on the way into the GEMM.
         gamma = f * _U32 / (1.0 - f * _U32) + 3.0 * _U32
+        # The float64 norms |v|^2, |r|^2 (sums of F exact products) and their combination.
+        slack64 = 2.0 * (f + 4) * _U64
         order = np.lexsort((lb, cq))
         cq, ct, cr, lb = cq[order], ct[order], cr[order], lb[order]
         starts = np.flatnonzero(np.r_[True, cq[1:] != cq[:-1]])
@@ -406,8 +409,8 @@ class ExactIndex:
                 g = (vm @ rm.T).astype(np.float64)  # float32 products and sums
                 vsq, rsq = var_sq[qi, ts], self.sq_norms[rs]
                 approx = (vsq[:, None] + rsq[None, :] - 2.0 * g)[t_inv, r_inv]
-                err = ((2.0 * gamma + _SLACK64) * np.sqrt(vsq[t_inv] * rsq[r_inv])
-                       + _SLACK64 * (vsq[t_inv] + rsq[r_inv]))
+                err = ((2.0 * gamma + slack64) * np.sqrt(vsq[t_inv] * rsq[r_inv])
+                       + slack64 * (vsq[t_inv] + rsq[r_inv]))
                 lo, hi = approx - err, approx + err
                 # Upper bound on the true k-th best: the k best so far (exact) and the best
                 # upper end of every other reference seen, each reference counted once.
