@@ -43,11 +43,11 @@ exceeds the true ``|v - r|^2``.
 **The search.** For a block of queries (every variant of each) against a chunk of references:
 ``LB_safe^2`` by one GEMM; for each query the ``m`` references of smallest bound are evaluated
 exactly, which gives an upper bound ``U`` on its k-th nearest distance (with the k best found
-in earlier chunks); every pair with ``LB_safe^2 < U`` is then evaluated exactly, every other
-pair is skipped -- proven not closer than ``U``. Candidates are evaluated in waves, smallest
-bounds first, and ``U`` is tightened after each wave. The k best distinct references (minimum over
-a reference's variants) are kept. The distances equal brute force's bit for bit; on an exact
-tie between two references the index reported may be either.
+in earlier chunks); every pair with ``LB_safe^2 < U`` goes on to the float32 filter below,
+every other pair is skipped -- proven not closer than ``U``. Candidates are filtered in waves,
+smallest bounds first, and ``U`` is tightened after each wave. The k best distinct references
+(minimum over a reference's variants) are kept. The distances equal brute force's bit for
+bit; on an exact tie between two references the index reported may be either.
 
 **The float32 filter.** Pairs that survive the bound are not all evaluated exactly. For one
 query, the dot products of its candidate variants with its candidate references come from
