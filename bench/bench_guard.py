@@ -286,7 +286,7 @@ def run_throughput(args: argparse.Namespace) -> None:
             flat = reference.reshape(n, -1)
             t0 = time.perf_counter()
             index = ExactIndex(flat, n_components=args.components,
-                               residual_blocks=args.blocks)
+                               blocks=args.blocks)
             build = time.perf_counter() - t0
             t0 = time.perf_counter()
             near = index.nearest(queries[:, None, :], k=1)

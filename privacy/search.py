@@ -12,26 +12,33 @@ float16 / float32 inputs are exactly representable in float64), each row reduced
 Brute force (:func:`brute_force_nearest`) and the index use that one formula, so they agree
 bit for bit; no decision ever rests on a GEMM expansion ``|a|^2 + |b|^2 - 2ab``.
 
-**The lower bound.** Let ``mu`` be a mean vector and ``P`` (k x F) a matrix with orthonormal
-rows (principal axes of a sample of the reference; the bound holds for *any* orthonormal
-``P``, so the sample only changes speed, never results). For ``x = v - mu`` write
-``p(x) = P x``, ``e(x) = x - P^T P x`` and the augmented vector ``a(x) = [p(x), |e(x)|]``.
-More finely, split the coordinates into disjoint blocks ``B_1 .. B_m`` (contiguous runs of
-the feature vector: bands of image rows) and let ``a(x) = [p(x), |e_1(x)|, ..., |e_m(x)|]``
-with ``e_j(x)`` the residual restricted to block ``j``. Then for every pair::
+**The lower bound.** Split the coordinates into disjoint blocks ``B_1 .. B_m`` (contiguous runs
+of the feature vector: bands of image rows). Let ``mu`` be a mean vector and, for each block,
+``P_j`` (k_j x |B_j|) a matrix with orthonormal rows (principal axes of that block over a
+sample of the reference; the bound holds for *any* orthonormal ``P_j``, so the sample only
+changes speed, never results). For ``x = v - mu`` and its restriction ``x_j`` to block ``j``
+write ``p_j(x) = P_j x_j``, ``e_j(x) = x_j - P_j^T P_j x_j`` and the augmented vector
+``a(x) = [p_1(x), .., p_m(x), |e_1(x)|, .., |e_m(x)|]``. Then for every pair::
 
-    |v - r|^2 = |P(v - r)|^2 + |e(v) - e(r)|^2             (Pythagoras: P^T P is an orthogonal
-                                                             projector and e(.) its complement)
-              = |p(v) - p(r)|^2 + sum_j |e_j(v) - e_j(r)|^2  (the blocks partition coordinates)
-             >= |p(v) - p(r)|^2 + sum_j (|e_j(v)| - |e_j(r)|)^2   (reverse triangle inequality)
+    |v - r|^2 = sum_j |v_j - r_j|^2                          (the blocks partition coordinates)
+              = sum_j |p_j(v) - p_j(r)|^2 + |e_j(v) - e_j(r)|^2   (Pythagoras in each block:
+                                                             P_j^T P_j is an orthogonal
+                                                             projector, e_j its complement)
+             >= sum_j |p_j(v) - p_j(r)|^2 + (|e_j(v)| - |e_j(r)|)^2  (reverse triangle inequality)
               = |a(v) - a(r)|^2 =: LB^2.
 
-With ``k = 0`` and one block this is the norm bound ``| |v-mu| - |r-mu| | <= |v - r|``; with
-``P = I`` (used when F <= k) it is the distance itself.
+With one block and no axes this is the norm bound ``| |v-mu| - |r-mu| | <= |v - r|``; a block
+with ``P_j = I`` (used when the block is no wider than its axes) contributes its distance
+itself. Block-local axes make the projection cheap: ``sum_j k_j |B_j| = F k / m`` products per
+vector instead of ``F k`` for global axes, and at the guard's sizes they bound as tightly (a
+trial on 40 MR queries x 486 shift variants against 2,438 slices: 60,317 pairs below the true
+second-nearest distance with 256 global axes and 64 residual blocks, 25,117 with 16 blocks of
+32 axes, at one eighth of the projection time).
 
-**Floating point.** ``p`` and the residual ``e = x - P^T p`` are computed in float64 (error
-per vector at most ``2 sqrt(k) gamma_F |x|``, ``gamma_n = n u / (1 - n u)``, ``u = 2^-53``;
-Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 3.1; below ``1e-8 |x|`` for
+**Floating point.** ``p_j`` and the residual ``e_j = x_j - P_j^T p_j`` are computed in float64
+(error per block at most ``2 sqrt(k_j) gamma_{|B_j|} |x_j|``, ``gamma_n = n u / (1 - n u)``,
+``u = 2^-53``; Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 3.1; over all
+blocks at most ``2 sqrt(k) gamma_F |x|`` with ``k = sum_j k_j``, below ``1e-8 |x|`` for
 ``F <= 2^21``, ``k <= 512``), the augmented vectors are stored in float32 (relative error
 ``2^-24``) and ``LB^2`` is evaluated by a float32 GEMM expansion over ``d = k + m <= 1024``
 terms (error at most ``gamma32_{d+2} (|a(v)| + |a(r)|)^2 < 6.2e-5 (...)^2``). With
@@ -225,9 +232,10 @@ class _Top:
 class ExactIndex:
     """Reference rows plus their augmented projections; answers exact k-NN queries.
 
-    ``n_components``: principal axes kept (``k``, at most 512 and at most N - 1); when the
-    feature dimension is at most that, the identity basis is used. ``sample_size`` rows
-    (seeded) estimate the mean and the axes.
+    ``n_components``: principal axes kept in all (``k``, at most 512), spread evenly over
+    ``blocks`` contiguous blocks of the feature vector (each block gets at most its width and
+    at most ``sample_size - 1`` axes; a block no wider than its share uses the identity).
+    ``sample_size`` rows (seeded) estimate the mean and the axes.
     """
 
     def __init__(
@@ -237,7 +245,7 @@ class ExactIndex:
         sample_size: int = 2048,
         seed: int = 0,
         chunk_rows: int = 8192,
-        residual_blocks: int = 64,
+        blocks: int = 16,
     ) -> None:
         feats = _as_matrix(features, "reference")
         n, f = feats.shape
@@ -245,25 +253,28 @@ class ExactIndex:
             raise GuardError("the reference is empty", "reference", 2)
         if not 0 <= n_components <= MAX_COMPONENTS:
             raise GuardError(f"n_components must be in 0..{MAX_COMPONENTS}", "reference", 2)
-        if not 1 <= residual_blocks <= MAX_BLOCKS:
-            raise GuardError(f"residual_blocks must be in 1..{MAX_BLOCKS}", "reference", 2)
+        if not 1 <= blocks <= MAX_BLOCKS:
+            raise GuardError(f"blocks must be in 1..{MAX_BLOCKS}", "reference", 2)
         self.features = feats
         self.n, self.dim = n, f
-        m = min(residual_blocks, f)
-        self.block_starts = np.linspace(0, f, m + 1).round().astype(np.int64)[:-1]
+        m = min(blocks, f)
+        self.bounds = np.linspace(0, f, m + 1).round().astype(np.int64)
         rng = np.random.default_rng(seed)
         take = np.sort(rng.choice(n, size=min(n, sample_size), replace=False))
         sample = feats[take].astype(np.float64)
         self.mean = sample.mean(axis=0)
-        # With k >= N - 1 the axes span every centred reference, so the bound is the distance
-        # itself (up to the slack) and only near-ties are evaluated exactly.
-        k = n_components
-        if f <= k:
-            self.basis = np.eye(f, dtype=np.float64)
-        else:
-            self.basis = _principal_axes(sample - self.mean, k, rng)
+        centred = sample - self.mean
+        share = np.full(m, n_components // m) + (np.arange(m) < n_components % m)
+        self.bases: list[np.ndarray] = []
+        for j in range(m):
+            lo, hi = int(self.bounds[j]), int(self.bounds[j + 1])
+            kj = int(share[j])
+            if hi - lo <= kj:
+                self.bases.append(np.eye(hi - lo, dtype=np.float64))
+            else:
+                self.bases.append(_principal_axes(centred[:, lo:hi], kj, rng))
         self.chunk_rows = chunk_rows
-        aug = np.empty((n, self.basis.shape[0] + self.block_starts.size), dtype=np.float32)
+        aug = np.empty((n, self.n_components + m), dtype=np.float32)
         norms = np.empty(n, dtype=np.float64)
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
@@ -278,18 +289,26 @@ class ExactIndex:
 
     @property
     def n_components(self) -> int:
-        return int(self.basis.shape[0])
+        return int(sum(b.shape[0] for b in self.bases))
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.bases)
 
     def _augment(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 [p(x), |e_1(x)|..|e_m(x)|], float64 |x|) for x = row - mu, in float64."""
+        """(float32 [p_1(x)..p_m(x), |e_1(x)|..|e_m(x)|], float64 |x|), x = row - mu, float64."""
         x = np.asarray(rows, dtype=np.float64) - self.mean[None, :]
-        p = x @ self.basis.T
-        resid = x - p @ self.basis
-        k = p.shape[1]
-        out = np.empty((x.shape[0], k + self.block_starts.size), dtype=np.float32)
-        out[:, :k] = p
-        out[:, k:] = np.sqrt(np.add.reduceat(resid * resid, self.block_starts, axis=1))
-        return out, np.sqrt(np.sum(x * x, axis=1))
+        k = self.n_components
+        out = np.empty((x.shape[0], k + len(self.bases)), dtype=np.float32)
+        col = 0
+        for j, basis in enumerate(self.bases):
+            xj = x[:, self.bounds[j] : self.bounds[j + 1]]
+            p = xj @ basis.T
+            resid = xj - p @ basis
+            out[:, col : col + basis.shape[0]] = p
+            out[:, k + j] = np.sqrt(np.einsum("ij,ij->i", resid, resid))
+            col += basis.shape[0]
+        return out, np.sqrt(np.einsum("ij,ij->i", x, x))
 
     def nearest(self, variants: np.ndarray, k: int = 1, block_entries: int = 1 << 23) -> Nearest:
         """Exact k nearest distinct references of each query; ``variants`` is [Q, T, F]."""

@@ -56,7 +56,7 @@ def problems(draw):  # type: ignore[no-untyped-def]
 @given(problems())
 def test_pruned_search_equals_brute_force_on_random_data(problem) -> None:  # type: ignore[no-untyped-def]
     ref, var, k, comps, blocks = problem
-    index = ExactIndex(ref, n_components=comps, sample_size=32, residual_blocks=blocks)
+    index = ExactIndex(ref, n_components=comps, sample_size=32, blocks=blocks)
     got = index.nearest(var, k=k, block_entries=1 << 10)
     want = brute_force_nearest(var, ref, k=k)
     _assert_same(got, want)
@@ -73,7 +73,7 @@ def test_safe_lower_bound_never_exceeds_the_exact_distance(seed: int, n: int, f:
     ref = (rng.random((n, f)) * scale).astype(np.float32)
     q = (ref[: min(n, 5)] + rng.normal(0, 1e-4 * scale, (min(n, 5), f))).astype(np.float32)
     index = ExactIndex(ref, n_components=int(rng.integers(0, 20)), sample_size=16,
-                       residual_blocks=int(rng.integers(1, 40)))
+                       blocks=int(rng.integers(1, 40)))
     aug_q, norm_q = index._augment(q)
     lb = (
         np.sum(aug_q.astype(np.float64) ** 2, 1)[:, None]
@@ -108,7 +108,7 @@ def test_float32_filter_keeps_exactness_on_near_ties(seed: int, spread: float, d
     ref = (base[None, :] + rng.normal(0, spread, (300, 4096))).astype(dtype)
     var = (base[None, None, :] + rng.normal(0, spread, (3, 2, 4096))).astype(dtype)
     k = int(rng.integers(1, 4))
-    got = ExactIndex(ref, n_components=16, residual_blocks=8).nearest(var, k=k)
+    got = ExactIndex(ref, n_components=16, blocks=8).nearest(var, k=k)
     want = brute_force_nearest(var, ref, k=k)
     _assert_same(got, want)
 
