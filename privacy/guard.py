@@ -7,7 +7,7 @@ distances come from :class:`privacy.search.ExactIndex`, which equals brute force
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,7 +88,10 @@ class Guard:
         thresholds: dict[str, float],
         n_components: int = 256,
         seed: int = 0,
+        index_factory: Callable[[str, np.ndarray], ExactIndex] | None = None,
     ) -> None:
+        """``index_factory(feature_space, features)``, when given, supplies each exact index
+        (a cache of them, say); it must return an index of exactly those features."""
         if not metrics:
             raise GuardError("the guard needs at least one metric", "guard.metrics", 2)
         names = [m.name for m in metrics]
@@ -110,9 +113,14 @@ class Guard:
         self.indexes: dict[str, ExactIndex] = {}
         for m in self.metrics:
             if m.feature_space not in self.indexes:
-                self.indexes[m.feature_space] = ExactIndex(
-                    m.reference_features(ref), n_components=n_components, seed=seed
-                )
+                feats = m.reference_features(ref)
+                if index_factory is not None:
+                    index = index_factory(m.feature_space, feats)
+                else:
+                    index = ExactIndex(feats, n_components=n_components, seed=seed)
+                if (index.n, index.dim) != feats.shape:
+                    raise GuardError(f"index of {m.feature_space} does not match", "guard", 1)
+                self.indexes[m.feature_space] = index
 
     def nearest(self, metric: Metric, images: np.ndarray, k: int = 2) -> Nearest:
         return metric_nearest(metric, self.indexes[metric.feature_space], images, k)

@@ -83,6 +83,7 @@ from privacy.errors import GuardError
 
 __all__ = [
     "EPS_SQ",
+    "SEARCH_VERSION",
     "ExactIndex",
     "Nearest",
     "exact_sq_distances",
@@ -91,6 +92,7 @@ __all__ = [
 ]
 
 EPS_SQ = 2e-4
+SEARCH_VERSION = 2  # layout of ExactIndex.state(); bump when the augmented vectors change
 MAX_DIM = 1 << 21
 MAX_COMPONENTS = 512
 MAX_BLOCKS = 512
@@ -286,6 +288,80 @@ class ExactIndex:
         for start in range(0, n, chunk_rows):
             block = feats[start : start + chunk_rows].astype(np.float64)
             self.sq_norms[start : start + chunk_rows] = np.einsum("ij,ij->i", block, block)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The costly part of building the index, for a cache kept by the caller.
+
+        :meth:`from_state` rebuilds the index from the same features and this state without
+        projecting the reference again.
+        """
+        return {
+            "version": np.array(SEARCH_VERSION),
+            "shape": np.array([self.n, self.dim]),
+            "mean": self.mean,
+            "bounds": self.bounds,
+            "basis_rows": np.array([b.shape[0] for b in self.bases], dtype=np.int64),
+            "bases": np.concatenate([b.ravel() for b in self.bases]),
+            "aug": self.aug,
+            "norms": self.norms,
+        }
+
+    @classmethod
+    def from_state(
+        cls, features: np.ndarray, state: dict[str, np.ndarray], chunk_rows: int = 8192
+    ) -> ExactIndex:
+        """The index of ``features`` from :meth:`state` of an index built on the same features.
+
+        The caller must make sure the state belongs to these features (a digest of both); this
+        checks everything that can be checked cheaply -- version, shapes, finite values and
+        orthonormal axes, on which the lower bound rests -- and refuses the state otherwise.
+        """
+        feats = _as_matrix(features, "reference")
+        n, f = feats.shape
+
+        def bad(why: str) -> GuardError:
+            return GuardError(f"cached search index refused: {why}", "reference", 1)
+
+        if int(state["version"]) != SEARCH_VERSION:
+            raise bad(f"version {int(state['version'])}, this code writes {SEARCH_VERSION}")
+        if [int(v) for v in state["shape"]] != [n, f]:
+            raise bad(f"built for {list(state['shape'])}, the reference is {[n, f]}")
+        bounds = np.asarray(state["bounds"], dtype=np.int64)
+        rows = np.asarray(state["basis_rows"], dtype=np.int64)
+        m = bounds.size - 1
+        if m < 1 or bounds[0] != 0 or bounds[-1] != f or np.any(np.diff(bounds) <= 0):
+            raise bad("block bounds do not partition the features")
+        widths = np.diff(bounds)
+        flat = np.asarray(state["bases"], dtype=np.float64)
+        if rows.size != m or np.any(rows < 0) or flat.size != int(np.sum(rows * widths)):
+            raise bad("axes do not match the blocks")
+        k = int(rows.sum())
+        aug = np.asarray(state["aug"], dtype=np.float32)
+        norms = np.asarray(state["norms"], dtype=np.float32)
+        mean = np.asarray(state["mean"], dtype=np.float64)
+        if aug.shape != (n, k + m) or norms.shape != (n,) or mean.shape != (f,):
+            raise bad("projected reference has the wrong shape")
+        if not (np.all(np.isfinite(aug)) and np.all(np.isfinite(norms))
+                and np.all(np.isfinite(flat)) and np.all(np.isfinite(mean))):
+            raise bad("non-finite values")
+        bases, pos = [], 0
+        for kj, wj in zip(rows.tolist(), widths.tolist(), strict=True):
+            basis = flat[pos : pos + kj * wj].reshape(kj, wj)
+            pos += kj * wj
+            if kj and np.max(np.abs(basis @ basis.T - np.eye(kj))) > 1e-9:
+                raise bad("axes are not orthonormal")
+            bases.append(basis)
+        self = cls.__new__(cls)
+        self.features, self.n, self.dim = feats, n, f
+        self.bounds, self.bases, self.mean = bounds, bases, mean
+        self.chunk_rows = chunk_rows
+        self.aug, self.norms = aug, norms
+        self.aug_sq = np.sum(aug.astype(np.float64) ** 2, axis=1).astype(np.float32)
+        self.sq_norms = np.empty(n, dtype=np.float64)
+        for start in range(0, n, chunk_rows):
+            block = feats[start : start + chunk_rows].astype(np.float64)
+            self.sq_norms[start : start + chunk_rows] = np.einsum("ij,ij->i", block, block)
+        return self
 
     @property
     def n_components(self) -> int:

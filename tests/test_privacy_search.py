@@ -194,3 +194,37 @@ def test_guard_decisions_equal_brute_force_on_real_slices(real_slices, seed: int
     np.testing.assert_array_equal(
         screening.accepted, _brute_decisions(metrics, ref, images, thresholds)
     )
+
+
+def test_index_rebuilt_from_its_state_answers_like_a_fresh_one() -> None:
+    rng = np.random.default_rng(3)
+    ref = rng.random((400, 300)).astype(np.float32)
+    var = (ref[rng.integers(0, 400, (6, 3))] + rng.normal(0, 0.05, (6, 3, 300))).astype(
+        np.float32
+    )
+    fresh = ExactIndex(ref, n_components=40, blocks=5)
+    again = ExactIndex.from_state(ref, fresh.state())
+    np.testing.assert_array_equal(again.aug, fresh.aug)
+    _assert_same(again.nearest(var, k=2), brute_force_nearest(var, ref, k=2))
+
+
+@pytest.mark.parametrize("damage", ["axes", "shape", "version", "bounds", "nan"])
+def test_a_damaged_index_state_is_refused(damage: str) -> None:
+    from privacy.errors import GuardError
+
+    rng = np.random.default_rng(4)
+    ref = rng.random((200, 120)).astype(np.float32)
+    state = ExactIndex(ref, n_components=24, blocks=4).state()
+    if damage == "axes":
+        state["bases"] = state["bases"] * 1.01  # no longer orthonormal: the bound would break
+    elif damage == "shape":
+        ref = ref[:-1]
+    elif damage == "version":
+        state["version"] = np.array(1)
+    elif damage == "bounds":
+        state["bounds"] = state["bounds"][::-1].copy()
+    else:
+        state["aug"] = state["aug"].copy()
+        state["aug"][0, 0] = np.nan
+    with pytest.raises(GuardError, match="cached search index refused"):
+        ExactIndex.from_state(ref, state)

@@ -12,10 +12,14 @@ matches, and recalibrates otherwise. Every file is written atomically through
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,10 +31,17 @@ from privacy.calibrate import calibrate_thresholds, make_folds
 from privacy.errors import GuardError
 from privacy.guard import Guard
 from privacy.metrics import ContrastRMSE, EmbeddingDistance, Metric, PixelRMSE, ShiftFlipDistance
-from protocols.files import atomic_write_bytes, atomic_write_json, canonical_json, sha256_hex
+from privacy.search import SEARCH_VERSION, ExactIndex
+from protocols.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    canonical_json,
+    sha256_hex,
+)
 from protocols.typed import to_dict
 
-__all__ = ["GuardState", "prepare_guard", "build_metrics", "CALIBRATION_VERSION"]
+__all__ = ["GuardState", "prepare_guard", "build_metrics", "cached_index", "CALIBRATION_VERSION"]
 
 CALIBRATION_VERSION = 1
 
@@ -42,6 +53,7 @@ class GuardState:
     calibration: dict[str, Any]
     new_patient: dict[str, dict[str, np.ndarray]]  # modality -> metric -> distances
     metrics: list[Metric]
+    cache_dir: Path | None = None  # where built search indexes are kept (guard/)
     _guards: dict[str, Guard] = field(default_factory=dict)
 
     def thresholds(self, modality: str) -> dict[str, float]:
@@ -62,6 +74,11 @@ class GuardState:
                 self.reference.images,
                 self.thresholds(modality),
                 n_components=self.settings.pca_components,
+                index_factory=(
+                    None
+                    if self.cache_dir is None
+                    else partial(cached_index, self.cache_dir, self.settings.pca_components)
+                ),
             )
         return self._guards[modality]
 
@@ -170,6 +187,42 @@ def _encoder(
     return make_embedder(state, enc_cfg), meta
 
 
+def cached_index(folder: Path, n_components: int, space: str, features: np.ndarray) -> ExactIndex:
+    """The exact index of ``features``, from ``folder`` when a matching one was kept there.
+
+    The file name carries the sha256 of the features themselves (bytes, dtype, shape) and of
+    the index parameters, so an index is only ever reused for identical features; its own
+    sha256 is checked before use and ``ExactIndex.from_state`` re-checks shapes and the
+    orthonormal axes. Anything that does not match is rebuilt and rewritten (atomically);
+    older indexes of the same space are removed.
+    """
+    feats = np.ascontiguousarray(features)
+    h = hashlib.sha256()
+    h.update(canonical_json({"version": SEARCH_VERSION, "n_components": n_components,
+                             "seed": 0, "dtype": str(feats.dtype), "shape": list(feats.shape)}))
+    h.update(feats.tobytes())
+    label = re.sub(r"[^A-Za-z0-9_]", "_", space)
+    path = folder / f"index-{label}-{h.hexdigest()[:32]}.npz"
+    sidecar = path.with_suffix(".sha256")
+    if path.exists() and sidecar.exists():
+        blob = path.read_bytes()
+        if sha256_hex(blob) == sidecar.read_text(encoding="utf-8").strip():
+            try:
+                with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+                    return ExactIndex.from_state(feats, {k: data[k] for k in data.files})
+            except (GuardError, KeyError, ValueError):
+                pass  # rebuilt below
+    index = ExactIndex(feats, n_components=n_components, seed=0)
+    blob = _npz_bytes(index.state())
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f"index-{label}-*"):
+        if old.name not in (path.name, sidecar.name):
+            old.unlink(missing_ok=True)
+    atomic_write_bytes(path, blob)
+    atomic_write_text(sidecar, sha256_hex(blob) + "\n")
+    return index
+
+
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
@@ -248,7 +301,7 @@ def prepare_guard(
                 for key in data.files:
                     modality, metric = key.split("/", 1)
                     new_patient.setdefault(modality, {})[metric] = data[key]
-            return GuardState(reference, settings, doc, new_patient, metrics)
+            return GuardState(reference, settings, doc, new_patient, metrics, paths.guard)
     modalities: dict[str, Any] = {}
     new_patient = {}
     for modality in reference.modalities:
@@ -292,4 +345,4 @@ def prepare_guard(
         ),
     )
     atomic_write_json(cal_path, doc)
-    return GuardState(reference, settings, doc, new_patient, metrics)
+    return GuardState(reference, settings, doc, new_patient, metrics, paths.guard)
