@@ -239,7 +239,7 @@ def _faiss_brute(reference: np.ndarray, queries: np.ndarray, chunk: int) -> np.n
 
 
 def run_throughput(args: argparse.Namespace) -> None:
-    from privacy.search import ExactIndex
+    from privacy.search import ExactIndex, index_layout
 
     started = datetime.now(UTC)
     lines = [
@@ -255,7 +255,8 @@ def run_throughput(args: argparse.Namespace) -> None:
         "queries: other generated slices (from held-out real slices); threshold midway between "
         "the two smallest exact nearest distances, so both outcomes occur",
         "- guard = ExactIndex.nearest (exact distances, float64) after the proven bound "
-        "(PCA axes + per-block residual norms) and the proven float32 GEMM interval filter "
+        "(privacy.search.index_layout for one variant per query: global PCA axes + 64 "
+        "residual blocks) and the proven float32 GEMM interval filter "
         "('exact pairs' counts the float64 evaluations only); "
         "brute force = faiss.IndexFlatL2 over the same reference (float32, added in chunks of "
         "100k rows), decisions from its float32 distances; build = the guard's one-off "
@@ -285,8 +286,10 @@ def run_throughput(args: argparse.Namespace) -> None:
             queries = queries.astype(np.float32)
             flat = reference.reshape(n, -1)
             t0 = time.perf_counter()
-            index = ExactIndex(flat, n_components=args.components,
-                               blocks=args.blocks)
+            layout = index_layout(1, args.components)  # what the guard uses for pixel RMSE
+            if args.blocks:
+                layout["blocks"] = args.blocks
+            index = ExactIndex(flat, **layout)  # type: ignore[arg-type]
             build = time.perf_counter() - t0
             t0 = time.perf_counter()
             near = index.nearest(queries[:, None, :], k=1)
@@ -366,7 +369,7 @@ def main() -> None:
     t.add_argument("--refs", default="10000,100000,1000000")
     t.add_argument("--queries", type=int, default=64)
     t.add_argument("--components", type=int, default=256)
-    t.add_argument("--blocks", type=int, default=64)
+    t.add_argument("--blocks", type=int, default=0, help="0: the guard's layout")
     t.add_argument("--ram-gib", type=float, default=14.0)
     c = sub.add_parser("cost")
     c.add_argument("--home", required=True)

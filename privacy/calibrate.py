@@ -40,7 +40,7 @@ import numpy as np
 from privacy.errors import GuardError
 from privacy.guard import metric_nearest
 from privacy.metrics import Metric
-from privacy.search import ExactIndex
+from privacy.search import ExactIndex, index_layout
 
 __all__ = [
     "Fold",
@@ -248,7 +248,8 @@ def calibrate_thresholds(
         feats = features[metric.feature_space]
         parts = []
         for fold in folds:
-            index = ExactIndex(feats[fold.reference], n_components=n_components, seed=seed)
+            layout = index_layout(metric.n_variants(), n_components)
+            index = ExactIndex(feats[fold.reference], seed=seed, **layout)  # type: ignore[arg-type]
             near = metric_nearest(metric, index, arr[fold.queries], k=1)
             parts.append(near.distances(metric.scale(shape))[:, 0])
         d = np.concatenate(parts) if parts else np.zeros(0)

@@ -14,7 +14,7 @@ import numpy as np
 
 from privacy.errors import GuardError
 from privacy.metrics import Metric, check_images
-from privacy.search import ExactIndex, Nearest
+from privacy.search import ExactIndex, Nearest, index_layout
 
 __all__ = ["Guard", "Screening", "metric_nearest"]
 
@@ -88,10 +88,10 @@ class Guard:
         thresholds: dict[str, float],
         n_components: int = 256,
         seed: int = 0,
-        index_factory: Callable[[str, np.ndarray], ExactIndex] | None = None,
+        index_factory: Callable[[str, np.ndarray, dict[str, object]], ExactIndex] | None = None,
     ) -> None:
-        """``index_factory(feature_space, features)``, when given, supplies each exact index
-        (a cache of them, say); it must return an index of exactly those features."""
+        """``index_factory(feature_space, features, layout)``, when given, supplies each exact
+        index (a cache of them, say); it must return an index of exactly those features."""
         if not metrics:
             raise GuardError("the guard needs at least one metric", "guard.metrics", 2)
         names = [m.name for m in metrics]
@@ -114,10 +114,11 @@ class Guard:
         for m in self.metrics:
             if m.feature_space not in self.indexes:
                 feats = m.reference_features(ref)
+                layout = index_layout(m.n_variants(), n_components)
                 if index_factory is not None:
-                    index = index_factory(m.feature_space, feats)
+                    index = index_factory(m.feature_space, feats, layout)
                 else:
-                    index = ExactIndex(feats, n_components=n_components, seed=seed)
+                    index = ExactIndex(feats, seed=seed, **layout)  # type: ignore[arg-type]
                 if (index.n, index.dim) != feats.shape:
                     raise GuardError(f"index of {m.feature_space} does not match", "guard", 1)
                 self.indexes[m.feature_space] = index

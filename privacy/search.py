@@ -12,40 +12,44 @@ float16 / float32 inputs are exactly representable in float64), each row reduced
 Brute force (:func:`brute_force_nearest`) and the index use that one formula, so they agree
 bit for bit; no decision ever rests on a GEMM expansion ``|a|^2 + |b|^2 - 2ab``.
 
-**The lower bound.** Split the coordinates into disjoint blocks ``B_1 .. B_m`` (contiguous runs
-of the feature vector: bands of image rows). Let ``mu`` be a mean vector and, for each block,
-``P_j`` (k_j x |B_j|) a matrix with orthonormal rows (principal axes of that block over a
-sample of the reference; the bound holds for *any* orthonormal ``P_j``, so the sample only
-changes speed, never results). For ``x = v - mu`` and its restriction ``x_j`` to block ``j``
-write ``p_j(x) = P_j x_j``, ``e_j(x) = x_j - P_j^T P_j x_j`` and the augmented vector
-``a(x) = [p_1(x), .., p_m(x), |e_1(x)|, .., |e_m(x)|]``. Then for every pair::
+**The lower bound.** Let ``mu`` be a mean vector and ``P`` (k x F) a matrix with orthonormal
+rows (principal axes of a sample of the reference; the bound holds for *any* orthonormal
+``P``, so the sample only changes speed, never results). Split the coordinates into disjoint
+blocks ``B_1 .. B_m`` (contiguous runs of the feature vector: bands of image rows). For
+``x = v - mu`` write ``p(x) = P x``, ``e(x) = x - P^T P x`` with ``e_j(x)`` its restriction to
+block ``j``, and the augmented vector ``a(x) = [p(x), |e_1(x)|, ..., |e_m(x)|]``. Then for
+every pair::
 
-    |v - r|^2 = sum_j |v_j - r_j|^2                          (the blocks partition coordinates)
-              = sum_j |p_j(v) - p_j(r)|^2 + |e_j(v) - e_j(r)|^2   (Pythagoras in each block:
-                                                             P_j^T P_j is an orthogonal
-                                                             projector, e_j its complement)
-             >= sum_j |p_j(v) - p_j(r)|^2 + (|e_j(v)| - |e_j(r)|)^2  (reverse triangle inequality)
+    |v - r|^2 = |P(v - r)|^2 + |e(v) - e(r)|^2             (Pythagoras: P^T P is an orthogonal
+                                                             projector and e(.) its complement)
+              = |p(v) - p(r)|^2 + sum_j |e_j(v) - e_j(r)|^2  (the blocks partition coordinates)
+             >= |p(v) - p(r)|^2 + sum_j (|e_j(v)| - |e_j(r)|)^2   (reverse triangle inequality)
               = |a(v) - a(r)|^2 =: LB^2.
 
-With one block and no axes this is the norm bound ``| |v-mu| - |r-mu| | <= |v - r|``; a block
-with ``P_j = I`` (used when the block is no wider than its axes) contributes its distance
-itself. Block-local axes make the projection cheap: ``sum_j k_j |B_j| = F k / m`` products per
-vector instead of ``F k`` for global axes, and at the guard's sizes they bound as tightly (a
-trial on 40 MR queries x 486 shift variants against 2,438 slices: 60,317 pairs below the true
-second-nearest distance with 256 global axes and 64 residual blocks, 25,117 with 16 blocks of
-32 axes, at one eighth of the projection time).
+With ``k = 0`` and one block this is the norm bound ``| |v-mu| - |r-mu| | <= |v - r|``; with
+``P = I`` (used when F <= k) it is the distance itself. ``P`` comes in one of two layouts:
 
-**Floating point.** ``p_j`` and the residual ``e_j = x_j - P_j^T p_j`` are computed in float64
-(error per block at most ``2 sqrt(k_j) gamma_{|B_j|} |x_j|``, ``gamma_n = n u / (1 - n u)``,
-``u = 2^-53``; Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 3.1; over all
-blocks at most ``2 sqrt(k) gamma_F |x|`` with ``k = sum_j k_j``, below ``1e-8 |x|`` for
-``F <= 2^21``, ``k <= 512``), the augmented vectors are stored in float32 (relative error
-``2^-24``) and ``LB^2`` is evaluated by a float32 GEMM expansion over ``d = k + m <= 1024``
-terms (error at most ``gamma32_{d+2} (|a(v)| + |a(r)|)^2 < 6.2e-5 (...)^2``). With
-``|a(x)| <= |x| (1 + 1e-6)`` all of these together move ``LB^2`` by less than
-``1e-4 (|v - mu| + |r - mu|)^2``. The search therefore uses the *safe* bound
-``LB_safe^2 = LB^2_computed - EPS_SQ (|v-mu| + |r-mu|)^2`` with ``EPS_SQ = 2e-4``, which never
-exceeds the true ``|v - r|^2``.
+- *global axes*: ``k`` principal axes of the whole vector (the tightest bound for a given
+  ``k`` on whole images; projecting costs ``2 F k`` products per vector);
+- *block-local axes*: ``P`` block-diagonal over the blocks, ``k / m`` principal axes of each
+  block (``P_j``, orthonormal rows, so ``P`` has orthonormal rows too and the bound above holds
+  unchanged). Projecting costs ``2 F k / m``, so it pays where each query brings hundreds of
+  variants (the shift / mirror / rotation metric: 486 per image) and the projection of the
+  queries, not the reference scan, dominates. A trial on 120 MR queries x 486 variants against
+  2,438 real slices: 7.4 s with 256 global axes and 64 blocks, 3.7 s with 16 blocks of 16
+  local axes, same distances. For one variant per query global axes are faster (pixel RMSE,
+  64 queries against 100k references: 0.8 s against 1.7 s). :func:`index_layout` picks.
+
+**Floating point.** ``p`` and the residual ``e = x - P^T p`` are computed in float64 (error
+per vector at most ``2 sqrt(k) gamma_F |x|``, ``gamma_n = n u / (1 - n u)``, ``u = 2^-53``;
+Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 3.1; block-local axes only
+shorten the sums; below ``1e-8 |x|`` for ``F <= 2^21``, ``k <= 512``), the augmented vectors
+are stored in float32 (relative error ``2^-24``) and ``LB^2`` is evaluated by a float32 GEMM
+expansion over ``d = k + m <= 1024`` terms (error at most
+``gamma32_{d+2} (|a(v)| + |a(r)|)^2 < 6.2e-5 (...)^2``). With ``|a(x)| <= |x| (1 + 1e-6)``
+all of these together move ``LB^2`` by less than ``1e-4 (|v - mu| + |r - mu|)^2``. The search
+therefore uses the *safe* bound ``LB_safe^2 = LB^2_computed - EPS_SQ (|v-mu| + |r-mu|)^2``
+with ``EPS_SQ = 2e-4``, which never exceeds the true ``|v - r|^2``.
 
 **The search.** For a block of queries (every variant of each) against a chunk of references:
 ``LB_safe^2`` by one GEMM; for each query the ``m`` references of smallest bound are evaluated
@@ -84,6 +88,7 @@ from privacy.errors import GuardError
 __all__ = [
     "EPS_SQ",
     "SEARCH_VERSION",
+    "index_layout",
     "ExactIndex",
     "Nearest",
     "exact_sq_distances",
@@ -231,13 +236,26 @@ class _Top:
         self.variant[qs, rank] = ts
 
 
+def index_layout(n_variants: int, n_components: int = 256) -> dict[str, object]:
+    """ExactIndex parameters for queries of ``n_variants`` variants each (speed only).
+
+    Many variants per query: block-local axes (16 blocks), cheap to project. One or a few:
+    global axes with 64 residual blocks, the tighter bound per reference.
+    """
+    if n_variants > 8:
+        return {"n_components": n_components, "blocks": 16, "local_axes": True}
+    return {"n_components": n_components, "blocks": 64, "local_axes": False}
+
+
 class ExactIndex:
     """Reference rows plus their augmented projections; answers exact k-NN queries.
 
-    ``n_components``: principal axes kept in all (``k``, at most 512), spread evenly over
-    ``blocks`` contiguous blocks of the feature vector (each block gets at most its width and
-    at most ``sample_size - 1`` axes; a block no wider than its share uses the identity).
-    ``sample_size`` rows (seeded) estimate the mean and the axes.
+    ``n_components``: principal axes kept (``k``, at most 512); global axes of the whole
+    vector, or with ``local_axes`` spread evenly over the ``blocks`` (each block gets at most
+    its width and at most ``sample_size - 1`` axes; a block no wider than its share uses the
+    identity). With global axes, when the feature dimension is at most ``k`` the identity
+    basis is used. ``blocks``: the residual blocks. ``sample_size`` rows (seeded) estimate the
+    mean and the axes.
     """
 
     def __init__(
@@ -247,7 +265,8 @@ class ExactIndex:
         sample_size: int = 2048,
         seed: int = 0,
         chunk_rows: int = 8192,
-        blocks: int = 16,
+        blocks: int = 64,
+        local_axes: bool = False,
     ) -> None:
         feats = _as_matrix(features, "reference")
         n, f = feats.shape
@@ -266,10 +285,16 @@ class ExactIndex:
         sample = feats[take].astype(np.float64)
         self.mean = sample.mean(axis=0)
         centred = sample - self.mean
-        share = np.full(m, n_components // m) + (np.arange(m) < n_components % m)
+        # Axis groups: (start, stop) column ranges, each with its orthonormal rows.
+        if local_axes:
+            self.group_bounds = self.bounds.copy()
+            share = np.full(m, n_components // m) + (np.arange(m) < n_components % m)
+        else:
+            self.group_bounds = np.array([0, f], dtype=np.int64)
+            share = np.array([n_components])
         self.bases: list[np.ndarray] = []
-        for j in range(m):
-            lo, hi = int(self.bounds[j]), int(self.bounds[j + 1])
+        for j in range(self.group_bounds.size - 1):
+            lo, hi = int(self.group_bounds[j]), int(self.group_bounds[j + 1])
             kj = int(share[j])
             if hi - lo <= kj:
                 self.bases.append(np.eye(hi - lo, dtype=np.float64))
@@ -300,6 +325,7 @@ class ExactIndex:
             "shape": np.array([self.n, self.dim]),
             "mean": self.mean,
             "bounds": self.bounds,
+            "group_bounds": self.group_bounds,
             "basis_rows": np.array([b.shape[0] for b in self.bases], dtype=np.int64),
             "bases": np.concatenate([b.ravel() for b in self.bases]),
             "aug": self.aug,
@@ -327,14 +353,16 @@ class ExactIndex:
         if [int(v) for v in state["shape"]] != [n, f]:
             raise bad(f"built for {list(state['shape'])}, the reference is {[n, f]}")
         bounds = np.asarray(state["bounds"], dtype=np.int64)
+        groups = np.asarray(state["group_bounds"], dtype=np.int64)
         rows = np.asarray(state["basis_rows"], dtype=np.int64)
         m = bounds.size - 1
-        if m < 1 or bounds[0] != 0 or bounds[-1] != f or np.any(np.diff(bounds) <= 0):
-            raise bad("block bounds do not partition the features")
-        widths = np.diff(bounds)
+        for cut in (bounds, groups):
+            if cut.size < 2 or cut[0] != 0 or cut[-1] != f or np.any(np.diff(cut) <= 0):
+                raise bad("block bounds do not partition the features")
+        widths = np.diff(groups)
         flat = np.asarray(state["bases"], dtype=np.float64)
-        if rows.size != m or np.any(rows < 0) or flat.size != int(np.sum(rows * widths)):
-            raise bad("axes do not match the blocks")
+        if rows.size != widths.size or np.any(rows < 0) or flat.size != int(np.sum(rows * widths)):
+            raise bad("axes do not match their column groups")
         k = int(rows.sum())
         aug = np.asarray(state["aug"], dtype=np.float32)
         norms = np.asarray(state["norms"], dtype=np.float32)
@@ -353,7 +381,7 @@ class ExactIndex:
             bases.append(basis)
         self = cls.__new__(cls)
         self.features, self.n, self.dim = feats, n, f
-        self.bounds, self.bases, self.mean = bounds, bases, mean
+        self.bounds, self.group_bounds, self.bases, self.mean = bounds, groups, bases, mean
         self.chunk_rows = chunk_rows
         self.aug, self.norms = aug, norms
         self.aug_sq = np.sum(aug.astype(np.float64) ** 2, axis=1).astype(np.float32)
@@ -369,21 +397,23 @@ class ExactIndex:
 
     @property
     def n_blocks(self) -> int:
-        return len(self.bases)
+        return int(self.bounds.size - 1)
 
     def _augment(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 [p_1(x)..p_m(x), |e_1(x)|..|e_m(x)|], float64 |x|), x = row - mu, float64."""
+        """(float32 [p(x), |e_1(x)|..|e_m(x)|], float64 |x|) for x = row - mu, in float64."""
         x = np.asarray(rows, dtype=np.float64) - self.mean[None, :]
         k = self.n_components
-        out = np.empty((x.shape[0], k + len(self.bases)), dtype=np.float32)
+        out = np.empty((x.shape[0], k + self.bounds.size - 1), dtype=np.float32)
+        resid = np.empty_like(x)
         col = 0
         for j, basis in enumerate(self.bases):
-            xj = x[:, self.bounds[j] : self.bounds[j + 1]]
-            p = xj @ basis.T
-            resid = xj - p @ basis
+            lo, hi = self.group_bounds[j], self.group_bounds[j + 1]
+            p = x[:, lo:hi] @ basis.T
+            resid[:, lo:hi] = x[:, lo:hi] - p @ basis
             out[:, col : col + basis.shape[0]] = p
-            out[:, k + j] = np.sqrt(np.einsum("ij,ij->i", resid, resid))
             col += basis.shape[0]
+        resid *= resid
+        out[:, k:] = np.sqrt(np.add.reduceat(resid, self.bounds[:-1], axis=1))
         return out, np.sqrt(np.einsum("ij,ij->i", x, x))
 
     def nearest(self, variants: np.ndarray, k: int = 1, block_entries: int = 1 << 23) -> Nearest:

@@ -49,14 +49,15 @@ def problems(draw):  # type: ignore[no-untyped-def]
     k = draw(st.integers(1, 3))
     comps = draw(st.integers(0, f + 2))
     blocks = draw(st.integers(1, 8))
-    return ref, var, k, comps, blocks
+    local = draw(st.booleans())
+    return ref, var, k, comps, blocks, local
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_pruned_search_equals_brute_force_on_random_data(problem) -> None:  # type: ignore[no-untyped-def]
-    ref, var, k, comps, blocks = problem
-    index = ExactIndex(ref, n_components=comps, sample_size=32, blocks=blocks)
+    ref, var, k, comps, blocks, local = problem
+    index = ExactIndex(ref, n_components=comps, sample_size=32, blocks=blocks, local_axes=local)
     got = index.nearest(var, k=k, block_entries=1 << 10)
     want = brute_force_nearest(var, ref, k=k)
     _assert_same(got, want)
@@ -73,7 +74,7 @@ def test_safe_lower_bound_never_exceeds_the_exact_distance(seed: int, n: int, f:
     ref = (rng.random((n, f)) * scale).astype(np.float32)
     q = (ref[: min(n, 5)] + rng.normal(0, 1e-4 * scale, (min(n, 5), f))).astype(np.float32)
     index = ExactIndex(ref, n_components=int(rng.integers(0, 20)), sample_size=16,
-                       blocks=int(rng.integers(1, 40)))
+                       blocks=int(rng.integers(1, 40)), local_axes=bool(rng.integers(0, 2)))
     aug_q, norm_q = index._augment(q)
     lb = (
         np.sum(aug_q.astype(np.float64) ** 2, 1)[:, None]
@@ -108,7 +109,7 @@ def test_float32_filter_keeps_exactness_on_near_ties(seed: int, spread: float, d
     ref = (base[None, :] + rng.normal(0, spread, (300, 4096))).astype(dtype)
     var = (base[None, None, :] + rng.normal(0, spread, (3, 2, 4096))).astype(dtype)
     k = int(rng.integers(1, 4))
-    got = ExactIndex(ref, n_components=16, blocks=8).nearest(var, k=k)
+    got = ExactIndex(ref, n_components=16, blocks=8, local_axes=bool(seed % 2)).nearest(var, k=k)
     want = brute_force_nearest(var, ref, k=k)
     _assert_same(got, want)
 
@@ -202,7 +203,7 @@ def test_index_rebuilt_from_its_state_answers_like_a_fresh_one() -> None:
     var = (ref[rng.integers(0, 400, (6, 3))] + rng.normal(0, 0.05, (6, 3, 300))).astype(
         np.float32
     )
-    fresh = ExactIndex(ref, n_components=40, blocks=5)
+    fresh = ExactIndex(ref, n_components=40, blocks=5, local_axes=True)
     again = ExactIndex.from_state(ref, fresh.state())
     np.testing.assert_array_equal(again.aug, fresh.aug)
     _assert_same(again.nearest(var, k=2), brute_force_nearest(var, ref, k=2))

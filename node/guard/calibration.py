@@ -77,7 +77,7 @@ class GuardState:
                 index_factory=(
                     None
                     if self.cache_dir is None
-                    else partial(cached_index, self.cache_dir, self.settings.pca_components)
+                    else partial(cached_index, self.cache_dir)
                 ),
             )
         return self._guards[modality]
@@ -187,7 +187,9 @@ def _encoder(
     return make_embedder(state, enc_cfg), meta
 
 
-def cached_index(folder: Path, n_components: int, space: str, features: np.ndarray) -> ExactIndex:
+def cached_index(
+    folder: Path, space: str, features: np.ndarray, layout: dict[str, Any]
+) -> ExactIndex:
     """The exact index of ``features``, from ``folder`` when a matching one was kept there.
 
     The file name carries the sha256 of the features themselves (bytes, dtype, shape) and of
@@ -198,8 +200,8 @@ def cached_index(folder: Path, n_components: int, space: str, features: np.ndarr
     """
     feats = np.ascontiguousarray(features)
     h = hashlib.sha256()
-    h.update(canonical_json({"version": SEARCH_VERSION, "n_components": n_components,
-                             "seed": 0, "dtype": str(feats.dtype), "shape": list(feats.shape)}))
+    h.update(canonical_json({"version": SEARCH_VERSION, "layout": layout, "seed": 0,
+                             "dtype": str(feats.dtype), "shape": list(feats.shape)}))
     h.update(feats.tobytes())
     label = re.sub(r"[^A-Za-z0-9_]", "_", space)
     path = folder / f"index-{label}-{h.hexdigest()[:32]}.npz"
@@ -212,7 +214,7 @@ def cached_index(folder: Path, n_components: int, space: str, features: np.ndarr
                     return ExactIndex.from_state(feats, {k: data[k] for k in data.files})
             except (GuardError, KeyError, ValueError):
                 pass  # rebuilt below
-    index = ExactIndex(feats, n_components=n_components, seed=0)
+    index = ExactIndex(feats, seed=0, **layout)
     blob = _npz_bytes(index.state())
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob(f"index-{label}-*"):
