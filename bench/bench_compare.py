@@ -161,6 +161,7 @@ def synth(task: str, count: int, seed: int) -> None:
     import numpy as np
 
     from coordinator.restore.compare import _load_site, guarded_synthetic_source
+    from privacy.errors import GuardError
     from protocols.files import atomic_write_bytes, atomic_write_json
 
     config = _load(task)
@@ -175,7 +176,11 @@ def synth(task: str, count: int, seed: int) -> None:
         site = _load_site(replace(site_cfg, home=str(REPO / site_cfg.home)), config.modality)
         n = count or int(site.train.shape[0])
         t0 = time.monotonic()
-        images, info = guarded_synthetic_source(site, n, seed)
+        try:
+            images, info = guarded_synthetic_source(site, n, seed)
+        except GuardError as exc:  # the site's generator copies: it sends nothing
+            images = np.zeros((0, *site.train.shape[1:]), np.float32)
+            info = {"accepted": 0, "refused": str(exc)}
         info["wall_s"] = round(time.monotonic() - t0, 1)
         info["seed"] = seed
         import io
@@ -305,6 +310,8 @@ def record(args, config, results, out: Path, wall: float) -> None:  # type: igno
     if "S" in results["provenance"]:
         prov = results["provenance"]["S"]
         counts = ", ".join(
+            f"{site}: none (the guard refused every candidate: {info['refused']})"
+            if info.get("refused") else
             f"{site}: {info.get('accepted')} accepted of {info.get('candidates_tried')} tried "
             f"(generator preset {info.get('generator', {}).get('preset', '?')}, "
             f"{info.get('generator', {}).get('steps', '?')} steps)"

@@ -91,6 +91,37 @@ def test_arm_s_without_a_generator_is_reported_missing_not_faked(
     assert "S vs R: not tested (arm S did not run)" in markdown
 
 
+def test_a_site_whose_guard_refuses_everything_sends_nothing_to_arm_s(
+    homes: list[Path], tmp_path: Path
+) -> None:
+    from privacy.errors import GuardError
+
+    stand_in = stand_in_synthetic("CT")
+
+    def source(site, count, seed):  # type: ignore[no-untyped-def]
+        if site.name == "site-a":  # as generate_and_screen says when every candidate copies
+            raise GuardError("no candidate passed the guard in 64 tries")
+        return stand_in(site, count, seed)
+
+    config = load_compare_config(write_config(tmp_path, homes, arms=["S", "R", "0"]))
+    results = run_comparison(config, tmp_path / "r", synthetic_source=source,
+                             synthetic_label="stand-in", progress=False)
+    assert results["arms_run"] == ["S", "R", "0"]
+    sites = results["provenance"]["S"]["sites"]
+    assert sites["site-a"] == {
+        "accepted": 0, "refused": "no candidate passed the guard in 64 tries"
+    }
+    assert sites["site-b"]["accepted"] > 0
+
+    def refuse(site, count, seed):  # type: ignore[no-untyped-def]
+        raise GuardError("no candidate passed the guard in 64 tries")
+
+    none = run_comparison(config, tmp_path / "none", synthetic_source=refuse,
+                          synthetic_label="stand-in", progress=False)
+    assert none["arms_run"] == ["R", "0"]
+    assert none["notes"]["S"] == "not run: no site's guard accepted any synthetic image"
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -396,13 +396,21 @@ def run_comparison(
         if source is None:
             notes["S"] = "not run: synthetic.source is none"
         else:
+            from privacy.errors import GuardError
+
             t0 = time.monotonic()
             parts, infos = [], {}
             try:
                 for s in sites:
                     count = config.synthetic.count_per_site or int(s.train.shape[0])
                     _say(progress, f"arm S: asking {s.name} for {count} synthetic images")
-                    images, info = source(s, count, config.synthetic.seed)
+                    try:
+                        images, info = source(s, count, config.synthetic.seed)
+                    except GuardError as exc:
+                        # As in a real round: a site whose guard accepts nothing (its
+                        # generator copies) sends nothing; the pool is the other sites'.
+                        images = np.zeros((0, *s.train.shape[1:]), np.float32)
+                        info = {"accepted": 0, "refused": str(exc)}
                     _say(progress, f"arm S: {s.name} gave {images.shape[0]} images")
                     if images.ndim != 3 or images.shape[1:] != s.train.shape[1:]:
                         raise OperationError(
@@ -415,6 +423,9 @@ def run_comparison(
                 notes["S"] = f"not run: {type(exc).__name__}: {exc}"
                 _say(progress, f"arm S skipped: {notes['S']}")
             else:
+                if sum(p.shape[0] for p in parts) == 0:
+                    notes["S"] = "not run: no site's guard accepted any synthetic image"
+            if "S" not in notes:
                 gen_s = time.monotonic() - t0
                 provenance["S"] = {"label": label, "sites": infos}
                 models["S"] = {"*": train_arm("S", "S (pooled synthetic)",
