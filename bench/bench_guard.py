@@ -289,7 +289,7 @@ def run_throughput(args: argparse.Namespace) -> None:
             layout = index_layout(1, args.components)  # what the guard uses for pixel RMSE
             if args.blocks:
                 layout["blocks"] = args.blocks
-            index = ExactIndex(flat, **layout)  # type: ignore[arg-type]
+            index = ExactIndex(flat, **layout)
             build = time.perf_counter() - t0
             t0 = time.perf_counter()
             near = index.nearest(queries[:, None, :], k=1)

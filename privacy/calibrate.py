@@ -249,7 +249,7 @@ def calibrate_thresholds(
         parts = []
         for fold in folds:
             layout = index_layout(metric.n_variants(), n_components)
-            index = ExactIndex(feats[fold.reference], seed=seed, **layout)  # type: ignore[arg-type]
+            index = ExactIndex(feats[fold.reference], seed=seed, **layout)
             near = metric_nearest(metric, index, arr[fold.queries], k=1)
             parts.append(near.distances(metric.scale(shape))[:, 0])
         d = np.concatenate(parts) if parts else np.zeros(0)

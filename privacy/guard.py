@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class Guard:
         thresholds: dict[str, float],
         n_components: int = 256,
         seed: int = 0,
-        index_factory: Callable[[str, np.ndarray, dict[str, object]], ExactIndex] | None = None,
+        index_factory: Callable[[str, np.ndarray, dict[str, Any]], ExactIndex] | None = None,
     ) -> None:
         """``index_factory(feature_space, features, layout)``, when given, supplies each exact
         index (a cache of them, say); it must return an index of exactly those features."""
@@ -118,7 +119,7 @@ class Guard:
                 if index_factory is not None:
                     index = index_factory(m.feature_space, feats, layout)
                 else:
-                    index = ExactIndex(feats, seed=seed, **layout)  # type: ignore[arg-type]
+                    index = ExactIndex(feats, seed=seed, **layout)
                 if (index.n, index.dim) != feats.shape:
                     raise GuardError(f"index of {m.feature_space} does not match", "guard", 1)
                 self.indexes[m.feature_space] = index

@@ -80,6 +80,7 @@ What this module must never do: use an approximate index to skip a reference, or
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -236,7 +237,7 @@ class _Top:
         self.variant[qs, rank] = ts
 
 
-def index_layout(n_variants: int, n_components: int = 256) -> dict[str, object]:
+def index_layout(n_variants: int, n_components: int = 256) -> dict[str, Any]:
     """ExactIndex parameters for queries of ``n_variants`` variants each (speed only).
 
     Many variants per query: block-local axes (16 blocks), cheap to project. One or a few:

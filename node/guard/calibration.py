@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -212,7 +213,7 @@ def cached_index(
             try:
                 with np.load(io.BytesIO(blob), allow_pickle=False) as data:
                     return ExactIndex.from_state(feats, {k: data[k] for k in data.files})
-            except (GuardError, KeyError, ValueError):
+            except (GuardError, KeyError, ValueError, OSError, zipfile.BadZipFile):
                 pass  # rebuilt below
     index = ExactIndex(feats, seed=0, **layout)
     blob = _npz_bytes(index.state())
