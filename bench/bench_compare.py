@@ -160,7 +160,7 @@ def synth(task: str, count: int, seed: int) -> None:
 
     import numpy as np
 
-    from coordinator.restore.compare import _load_site, guarded_synthetic_source
+    from coordinator.restore.compare import _load_site, guarded_synthetic_source, nothing_from
     from privacy.errors import GuardError
     from protocols.files import atomic_write_bytes, atomic_write_json
 
@@ -179,8 +179,7 @@ def synth(task: str, count: int, seed: int) -> None:
         try:
             images, info = guarded_synthetic_source(site, n, seed)
         except GuardError as exc:  # the site's generator copies: it sends nothing
-            images = np.zeros((0, *site.train.shape[1:]), np.float32)
-            info = {"accepted": 0, "refused": str(exc)}
+            images, info = nothing_from(site, exc)
         info["wall_s"] = round(time.monotonic() - t0, 1)
         info["seed"] = seed
         import io

@@ -307,13 +307,7 @@ class ExactIndex:
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
             aug[start:stop], norms[start:stop] = self._augment(feats[start:stop])
-        self.aug = aug
-        self.aug_sq = np.sum(aug.astype(np.float64) ** 2, axis=1).astype(np.float32)
-        self.norms = norms.astype(np.float32)
-        self.sq_norms = np.empty(n, dtype=np.float64)  # exact |r|^2 of the stored rows
-        for start in range(0, n, chunk_rows):
-            block = feats[start : start + chunk_rows].astype(np.float64)
-            self.sq_norms[start : start + chunk_rows] = np.einsum("ij,ij->i", block, block)
+        self._set_projection(aug, norms.astype(np.float32))
 
     def state(self) -> dict[str, np.ndarray]:
         """The costly part of building the index, for a cache kept by the caller.
@@ -384,21 +378,21 @@ class ExactIndex:
         self.features, self.n, self.dim = feats, n, f
         self.bounds, self.group_bounds, self.bases, self.mean = bounds, groups, bases, mean
         self.chunk_rows = chunk_rows
+        self._set_projection(aug, norms)
+        return self
+
+    def _set_projection(self, aug: np.ndarray, norms: np.ndarray) -> None:
+        """Keep the projected reference and derive what the search reads with it."""
         self.aug, self.norms = aug, norms
         self.aug_sq = np.sum(aug.astype(np.float64) ** 2, axis=1).astype(np.float32)
-        self.sq_norms = np.empty(n, dtype=np.float64)
-        for start in range(0, n, chunk_rows):
-            block = feats[start : start + chunk_rows].astype(np.float64)
-            self.sq_norms[start : start + chunk_rows] = np.einsum("ij,ij->i", block, block)
-        return self
+        self.sq_norms = np.empty(self.n, dtype=np.float64)  # exact |r|^2 of the stored rows
+        for start in range(0, self.n, self.chunk_rows):
+            block = self.features[start : start + self.chunk_rows].astype(np.float64)
+            self.sq_norms[start : start + self.chunk_rows] = np.einsum("ij,ij->i", block, block)
 
     @property
     def n_components(self) -> int:
         return int(sum(b.shape[0] for b in self.bases))
-
-    @property
-    def n_blocks(self) -> int:
-        return int(self.bounds.size - 1)
 
     def _augment(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [p(x), |e_1(x)|..|e_m(x)|], float64 |x|) for x = row - mu, in float64."""

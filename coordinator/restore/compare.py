@@ -47,6 +47,7 @@ __all__ = [
     "load_compare_config",
     "run_comparison",
     "guarded_synthetic_source",
+    "nothing_from",
     "pool_synthetic_source",
 ]
 
@@ -175,6 +176,13 @@ def _load_site(site: SiteConfig, modality: str) -> SiteData:
         patients_holdout=len({r.patient for r in hold_recs}),
         unit=train_recs[0].unit,
     )
+
+
+def nothing_from(site: SiteData, refusal: Exception) -> tuple[np.ndarray, dict[str, Any]]:
+    """Arm S's share of a site whose guard accepted nothing (its generator copies): as in a
+    real round, the site sends nothing and the pool is the other sites'."""
+    return np.zeros((0, *site.train.shape[1:]), np.float32), {"accepted": 0,
+                                                              "refused": str(refusal)}
 
 
 def guarded_synthetic_source(
@@ -407,10 +415,7 @@ def run_comparison(
                     try:
                         images, info = source(s, count, config.synthetic.seed)
                     except GuardError as exc:
-                        # As in a real round: a site whose guard accepts nothing (its
-                        # generator copies) sends nothing; the pool is the other sites'.
-                        images = np.zeros((0, *s.train.shape[1:]), np.float32)
-                        info = {"accepted": 0, "refused": str(exc)}
+                        images, info = nothing_from(s, exc)
                     _say(progress, f"arm S: {s.name} gave {images.shape[0]} images")
                     if images.ndim != 3 or images.shape[1:] != s.train.shape[1:]:
                         raise OperationError(
