@@ -7,6 +7,11 @@ rate of genuinely new patients (holdout slices screened against the train slices
 calibrated thresholds; plus a cross-fitted figure where thresholds come from one half of the
 holdout patients and are applied to the other half).
 
+``frr``: nested cross-fitted false rejection. Patients are split into groups; each group in
+turn plays the new patients, and the encoder, the calibration and the reference come from the
+other patients only (as a site that never saw them would have them), for the site's own
+calibration method and for leave-patients-out calibration over every slice.
+
 ``throughput``: exact screening (privacy.search.ExactIndex, pixel RMSE) against plain faiss
 ``IndexFlatL2`` brute force on the same reference, in one run, at several reference sizes and
 image sizes; decisions compared one by one. Reference sets are generated from the real MR
@@ -16,6 +21,7 @@ they have the structure of real images.
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_guard.py catch [--per-alteration 200]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_guard.py frr [--which ct,mr] [--folds 10]
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_guard.py throughput [--sizes 64,128]
 """
 
@@ -182,6 +188,158 @@ def run_catch(args: argparse.Namespace) -> None:
     for which in args.which.split(","):
         lines += _catch(which, root, args.per_alteration)
         print("\n".join(lines))
+    _append("\n".join(lines))
+
+
+# ---- nested cross-fitted false rejection --------------------------------------------------
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _frr(which: str, root: Path, n_folds: int) -> list[str]:
+    """Each patient group in turn is the new patient: the site is everything else.
+
+    The encoder is trained, the thresholds calibrated and the reference built from the other
+    patients only, exactly as a site without that group would; then the group's slices are
+    screened. Two calibrations of the same site: its own method (make_folds on its split, as
+    deployed) and leave-patients-out over every slice (all splits pooled).
+    """
+    from node.config import NodePaths, load_node_config
+    from node.guard.calibration import build_metrics
+    from node.guard.reference import load_reference
+    from privacy.calibrate import calibrate_thresholds, make_folds
+    from privacy.encoder import EncoderConfig, make_embedder, train_encoder
+    from privacy.errors import GuardError
+    from privacy.guard import Guard
+
+    home = _home(which, root)
+    paths = NodePaths(home)
+    config = load_node_config(paths)
+    settings = config.guard
+    ref = load_reference(paths)
+    modality = ref.modalities[0]
+    rows = ref.rows(modality=modality)
+    images = ref.images[rows]
+    recs = [ref.records[i] for i in rows.tolist()]
+    patients = np.asarray([r.patient for r in recs])
+    uniq = sorted(set(patients.tolist()))
+    np.random.default_rng(7).shuffle(uniq)
+    groups = [uniq[i::n_folds] for i in range(min(n_folds, len(uniq)))]
+    methods = ("site", "leave-patients-out")
+    rejected = {m: np.zeros(len(recs), dtype=bool) for m in methods}
+    by_metric = {m: {name: np.zeros(len(recs), dtype=bool) for name in settings.metrics}
+                 for m in methods}
+    thresholds_seen: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    refused: dict[str, int] = {m: 0 for m in methods}
+    used_method: dict[str, set[str]] = {m: set() for m in methods}
+    t0 = time.perf_counter()
+    for group in groups:
+        new = np.isin(patients, group)
+        rest = np.flatnonzero(~new)
+        sub = [recs[i] for i in rest.tolist()]
+        enc_cfg = EncoderConfig(
+            image_size=int(images.shape[1]), embed_dim=settings.encoder_embed_dim,
+            steps=settings.encoder_steps, batch_size=settings.encoder_batch_size,
+            seed=settings.encoder_seed,
+        )
+        train_rows = np.asarray([i for i, r in zip(rest, sub, strict=True) if r.split == "train"])
+        if train_rows.size < 2:
+            train_rows = rest
+        state, _ = train_encoder(images[train_rows], enc_cfg)
+        metrics = build_metrics(settings, make_embedder(state, enc_cfg), {})
+        for method in methods:
+            splits = [r.split for r in sub] if method == "site" else ["train"] * len(sub)
+            how, folds = make_folds(
+                [r.patient for r in sub], splits, [r.series for r in sub],
+                [r.position for r in sub], k=settings.calibration_folds, gap=settings.slab_gap,
+            )
+            used_method[method].add(how)
+            try:
+                cal = calibrate_thresholds(
+                    metrics, images[rest], folds, how, settings.threshold_quantile,
+                    floors=dict(config.policy.guard_floor), n_components=settings.pca_components,
+                )
+            except GuardError:
+                refused[method] += 1  # the site could not calibrate: it would export nothing
+                rejected[method][new] = True
+                continue
+            thr = cal.thresholds
+            for name, v in thr.items():
+                thresholds_seen[method].setdefault(name, []).append(v)
+            guard = Guard(metrics, images[rest], thr, n_components=settings.pca_components)
+            scr = guard.screen(images[new])
+            rejected[method][new] = ~scr.accepted
+            for name in thr:
+                by_metric[method][name][new] = scr.distances[name] < thr[name]
+    wall = time.perf_counter() - t0
+    n = len(recs)
+    lines = [
+        f"### {which.upper()}: {n} slices of {len(uniq)} patients, {len(groups)} patient groups",
+        "",
+        f"- wall time: {wall:.0f} s ({len(groups)} encoders trained, 2 calibrations each)",
+        "",
+        "| calibration of the site without the group | slices screened | falsely rejected | "
+        "rate (95 % CI) | patient-weighted rate | "
+        + " | ".join(f"{m} alone" for m in settings.metrics) + " | threshold range over groups |",
+        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in settings.metrics)
+        + " | --- |",
+    ]
+    for method in methods:
+        k = int(rejected[method].sum())
+        lo, hi = _wilson(k, n)
+        per_patient = np.mean([rejected[method][patients == p].mean() for p in uniq])
+        ranges = "; ".join(
+            f"{name} {min(v):.3f}–{max(v):.3f}" for name, v in thresholds_seen[method].items()
+        )
+        label = f"{method} ({', '.join(sorted(used_method[method]))})"
+        if refused[method]:
+            label += f"; {refused[method]} groups refused (counted as rejected)"
+        lines.append(
+            f"| {label} | {n} | {k} | {100 * k / n:.1f} % ({100 * lo:.1f}–{100 * hi:.1f} %) | "
+            f"{100 * per_patient:.1f} % | "
+            + " | ".join(f"{100 * by_metric[method][m].mean():.1f} %" for m in settings.metrics)
+            + f" | {ranges} |"
+        )
+    worst = sorted(uniq, key=lambda p: -rejected["site"][patients == p].sum())[:3]
+    lines += [
+        "",
+        "- patients with the most falsely rejected slices (site calibration): "
+        + ", ".join(
+            f"{int(rejected['site'][patients == p].sum())} of {int((patients == p).sum())}"
+            for p in worst
+        ),
+        "",
+    ]
+    return lines
+
+
+def run_frr(args: argparse.Namespace) -> None:
+    root = Path(args.work)
+    root.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(UTC)
+    lines = [
+        f"## Guard: nested cross-fitted false rejection of new patients "
+        f"({started:%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"- machine: {_machine()}",
+        f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
+        f"bench/bench_guard.py frr --which {args.which} --folds {args.folds}`",
+        "- each patient group in turn plays the new patients; the encoder, the calibration and "
+        "the reference come from the other patients only, so no figure is in-sample; default "
+        "guard settings (quantile 0.01, shift 4 px, PCA 256, encoder 400 steps), image size 64",
+        "",
+    ]
+    for which in args.which.split(","):
+        lines += _frr(which, root, args.folds)
+        print("\n".join(lines), flush=True)
     _append("\n".join(lines))
 
 
@@ -371,13 +529,18 @@ def main() -> None:
     t.add_argument("--components", type=int, default=256)
     t.add_argument("--blocks", type=int, default=0, help="0: the guard's layout")
     t.add_argument("--ram-gib", type=float, default=14.0)
+    f = sub.add_parser("frr")
+    f.add_argument("--which", default="ct,mr")
+    f.add_argument("--folds", type=int, default=10)
+    f.add_argument("--work", default="/tmp/synthfed-bench-guard")
     c = sub.add_parser("cost")
     c.add_argument("--home", required=True)
     c.add_argument("--count", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--label", default="")
     args = parser.parse_args()
-    {"catch": run_catch, "throughput": run_throughput, "cost": run_cost}[args.cmd](args)
+    {"catch": run_catch, "frr": run_frr, "throughput": run_throughput,
+     "cost": run_cost}[args.cmd](args)
 
 if __name__ == "__main__":
     main()
