@@ -213,10 +213,10 @@ def _frr(which: str, root: Path, n_folds: int) -> list[str]:
     deployed) and leave-patients-out over every slice (all splits pooled).
     """
     from node.config import NodePaths, load_node_config
-    from node.guard.calibration import build_metrics
+    from node.guard.calibration import build_metrics, encoder_config
     from node.guard.reference import load_reference
     from privacy.calibrate import calibrate_thresholds, make_folds
-    from privacy.encoder import EncoderConfig, make_embedder, train_encoder
+    from privacy.encoder import make_embedder, train_encoder
     from privacy.errors import GuardError
     from privacy.guard import Guard
 
@@ -245,11 +245,7 @@ def _frr(which: str, root: Path, n_folds: int) -> list[str]:
         new = np.isin(patients, group)
         rest = np.flatnonzero(~new)
         sub = [recs[i] for i in rest.tolist()]
-        enc_cfg = EncoderConfig(
-            image_size=int(images.shape[1]), embed_dim=settings.encoder_embed_dim,
-            steps=settings.encoder_steps, batch_size=settings.encoder_batch_size,
-            seed=settings.encoder_seed,
-        )
+        enc_cfg = encoder_config(settings, int(images.shape[1]))
         train_rows = np.asarray([i for i, r in zip(rest, sub, strict=True) if r.split == "train"])
         if train_rows.size < 2:
             train_rows = rest

@@ -29,6 +29,7 @@ from node.config import NodeConfig, NodePaths
 from node.guard.reference import GuardReference, load_reference
 from node.guard.settings import GuardSettings
 from privacy.calibrate import calibrate_thresholds, make_folds
+from privacy.encoder import EncoderConfig, make_embedder, train_encoder
 from privacy.errors import GuardError
 from privacy.guard import Guard
 from privacy.metrics import ContrastRMSE, EmbeddingDistance, Metric, PixelRMSE, ShiftFlipDistance
@@ -145,14 +146,23 @@ def _encoder_digest(reference: GuardReference, settings: GuardSettings) -> str:
     )
 
 
+def encoder_config(settings: GuardSettings, image_size: int) -> EncoderConfig:
+    """The guard encoder's training configuration from the node's guard settings."""
+    return EncoderConfig(
+        image_size=image_size,
+        embed_dim=settings.encoder_embed_dim,
+        steps=settings.encoder_steps,
+        batch_size=settings.encoder_batch_size,
+        seed=settings.encoder_seed,
+    )
+
+
 def _encoder(
     paths: NodePaths,
     config: NodeConfig,
     reference: GuardReference,
     progress: bool,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
-    from privacy.encoder import EncoderConfig, make_embedder, train_encoder
-
     settings = config.guard
     digest = _encoder_digest(reference, settings)
     weights_path = paths.guard / "encoder.npz"
@@ -164,13 +174,7 @@ def _encoder(
             with np.load(weights_path, allow_pickle=False) as data:
                 state = {k: data[k] for k in data.files}
             return make_embedder(state, enc_cfg), meta
-    enc_cfg = EncoderConfig(
-        image_size=int(reference.images.shape[1]),
-        embed_dim=settings.encoder_embed_dim,
-        steps=settings.encoder_steps,
-        batch_size=settings.encoder_batch_size,
-        seed=settings.encoder_seed,
-    )
+    enc_cfg = encoder_config(settings, int(reference.images.shape[1]))
     train_rows = reference.rows(split="train")
     if train_rows.size < 2:
         train_rows = np.arange(len(reference.records))
