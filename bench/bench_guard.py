@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -170,25 +171,41 @@ def _catch(which: str, root: Path, per_alteration: int) -> list[str]:
     return lines
 
 
-def run_catch(args: argparse.Namespace) -> None:
+def _per_home_run(
+    args: argparse.Namespace,
+    title: str,
+    command: str,
+    about: str,
+    section: Callable[[str, Path], list[str]],
+) -> None:
+    """One RESULTS.md section: a header, then ``section(which, work root)`` per home."""
     root = Path(args.work)
     root.mkdir(parents=True, exist_ok=True)
-    started = datetime.now(UTC)
     lines = [
-        f"## Guard: canary catch rates and false rejections ({started:%Y-%m-%d %H:%M} UTC)",
+        f"## Guard: {title} ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"- machine: {_machine()}",
         f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
-        f"bench/bench_guard.py catch --per-alteration {args.per_alteration}`",
-        "- default guard settings (quantile 0.01, shift 4 px, PCA 256, encoder 400 steps, seed 0)"
-        "; CT = the three CT folders in one home (axial), MR = brain-tumor-t1c with its "
-        "patients.csv; image size 64",
+        f"bench/bench_guard.py {command}`",
+        f"- {about}",
         "",
     ]
     for which in args.which.split(","):
-        lines += _catch(which, root, args.per_alteration)
-        print("\n".join(lines))
+        lines += section(which, root)
+        print("\n".join(lines), flush=True)
     _append("\n".join(lines))
+
+
+def run_catch(args: argparse.Namespace) -> None:
+    _per_home_run(
+        args,
+        "canary catch rates and false rejections",
+        f"catch --per-alteration {args.per_alteration}",
+        "default guard settings (quantile 0.01, shift 4 px, PCA 256, encoder 400 steps, seed 0)"
+        "; CT = the three CT folders in one home (axial), MR = brain-tumor-t1c with its "
+        "patients.csv; image size 64",
+        lambda which, root: _catch(which, root, args.per_alteration),
+    )
 
 
 # ---- nested cross-fitted false rejection --------------------------------------------------
@@ -318,25 +335,15 @@ def _frr(which: str, root: Path, n_folds: int) -> list[str]:
 
 
 def run_frr(args: argparse.Namespace) -> None:
-    root = Path(args.work)
-    root.mkdir(parents=True, exist_ok=True)
-    started = datetime.now(UTC)
-    lines = [
-        f"## Guard: nested cross-fitted false rejection of new patients "
-        f"({started:%Y-%m-%d %H:%M} UTC)",
-        "",
-        f"- machine: {_machine()}",
-        f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
-        f"bench/bench_guard.py frr --which {args.which} --folds {args.folds}`",
-        "- each patient group in turn plays the new patients; the encoder, the calibration and "
+    _per_home_run(
+        args,
+        "nested cross-fitted false rejection of new patients",
+        f"frr --which {args.which} --folds {args.folds}",
+        "each patient group in turn plays the new patients; the encoder, the calibration and "
         "the reference come from the other patients only, so no figure is in-sample; default "
         "guard settings (quantile 0.01, shift 4 px, PCA 256, encoder 400 steps), image size 64",
-        "",
-    ]
-    for which in args.which.split(","):
-        lines += _frr(which, root, args.folds)
-        print("\n".join(lines), flush=True)
-    _append("\n".join(lines))
+        lambda which, root: _frr(which, root, args.folds),
+    )
 
 
 # ---- throughput against faiss brute force -------------------------------------------------
