@@ -221,7 +221,7 @@ def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _frr(which: str, root: Path, n_folds: int) -> list[str]:
+def _frr(which: str, root: Path, n_folds: int, methods: tuple[str, ...]) -> list[str]:
     """Each patient group in turn is the new patient: the site is everything else.
 
     The encoder is trained, the thresholds calibrated and the reference built from the other
@@ -250,7 +250,6 @@ def _frr(which: str, root: Path, n_folds: int) -> list[str]:
     uniq = sorted(set(patients.tolist()))
     np.random.default_rng(7).shuffle(uniq)
     groups = [uniq[i::n_folds] for i in range(min(n_folds, len(uniq)))]
-    methods = ("site", "leave-patients-out")
     rejected = {m: np.zeros(len(recs), dtype=bool) for m in methods}
     by_metric = {m: {name: np.zeros(len(recs), dtype=bool) for name in settings.metrics}
                  for m in methods}
@@ -321,12 +320,13 @@ def _frr(which: str, root: Path, n_folds: int) -> list[str]:
             + " | ".join(f"{100 * by_metric[method][m].mean():.1f} %" for m in settings.metrics)
             + f" | {ranges} |"
         )
-    worst = sorted(uniq, key=lambda p: -rejected["site"][patients == p].sum())[:3]
+    first = methods[0]
+    worst = sorted(uniq, key=lambda p: -rejected[first][patients == p].sum())[:3]
     lines += [
         "",
-        "- patients with the most falsely rejected slices (site calibration): "
+        f"- patients with the most falsely rejected slices ({first} calibration): "
         + ", ".join(
-            f"{int(rejected['site'][patients == p].sum())} of {int((patients == p).sum())}"
+            f"{int(rejected[first][patients == p].sum())} of {int((patients == p).sum())}"
             for p in worst
         ),
         "",
@@ -335,14 +335,18 @@ def _frr(which: str, root: Path, n_folds: int) -> list[str]:
 
 
 def run_frr(args: argparse.Namespace) -> None:
+    methods = tuple(args.methods.split(","))
+    unknown = set(methods) - {"site", "leave-patients-out"}
+    if unknown or not methods:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; use site,leave-patients-out")
     _per_home_run(
         args,
         "nested cross-fitted false rejection of new patients",
-        f"frr --which {args.which} --folds {args.folds}",
+        f"frr --which {args.which} --folds {args.folds} --methods {args.methods}",
         "each patient group in turn plays the new patients; the encoder, the calibration and "
         "the reference come from the other patients only, so no figure is in-sample; default "
         "guard settings (quantile 0.01, shift 4 px, PCA 256, encoder 400 steps), image size 64",
-        lambda which, root: _frr(which, root, args.folds),
+        lambda which, root: _frr(which, root, args.folds, methods),
     )
 
 
@@ -535,6 +539,7 @@ def main() -> None:
     f = sub.add_parser("frr")
     f.add_argument("--which", default="ct,mr")
     f.add_argument("--folds", type=int, default=10)
+    f.add_argument("--methods", default="site,leave-patients-out")
     f.add_argument("--work", default="/tmp/synthfed-bench-guard")
     c = sub.add_parser("cost")
     c.add_argument("--home", required=True)
