@@ -22,6 +22,7 @@ Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_guard.py catch [--per-alteration 200]
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_guard.py frr [--which ct,mr] [--folds 10]
+        [--methods site,leave-patients-out]
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_guard.py throughput [--sizes 64,128]
 """
 
