@@ -297,7 +297,8 @@ def _frr(which: str, root: Path, n_folds: int, methods: tuple[str, ...]) -> list
     lines = [
         f"### {which.upper()}: {n} slices of {len(uniq)} patients, {len(groups)} patient groups",
         "",
-        f"- wall time: {wall:.0f} s ({len(groups)} encoders trained, 2 calibrations each)",
+        f"- wall time: {wall:.0f} s ({len(groups)} encoders trained, "
+        f"{len(methods)} calibration(s) each)",
         "",
         "| calibration of the site without the group | slices screened | falsely rejected | "
         "rate (95 % CI) | patient-weighted rate | "
