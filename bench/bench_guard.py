@@ -227,8 +227,8 @@ def _frr(which: str, root: Path, n_folds: int, methods: tuple[str, ...]) -> list
 
     The encoder is trained, the thresholds calibrated and the reference built from the other
     patients only, exactly as a site without that group would; then the group's slices are
-    screened. Two calibrations of the same site: its own method (make_folds on its split, as
-    deployed) and leave-patients-out over every slice (all splits pooled).
+    screened. ``methods`` names the calibrations of that site: ``site`` (make_folds on its own
+    split, as deployed) and/or ``leave-patients-out`` over every slice (all splits pooled).
     """
     from node.config import NodePaths, load_node_config
     from node.guard.calibration import build_metrics, encoder_config
@@ -257,12 +257,12 @@ def _frr(which: str, root: Path, n_folds: int, methods: tuple[str, ...]) -> list
     thresholds_seen: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     refused: dict[str, int] = {m: 0 for m in methods}
     used_method: dict[str, set[str]] = {m: set() for m in methods}
+    enc_cfg = encoder_config(settings, int(images.shape[1]))
     t0 = time.perf_counter()
     for group in groups:
         new = np.isin(patients, group)
         rest = np.flatnonzero(~new)
         sub = [recs[i] for i in rest.tolist()]
-        enc_cfg = encoder_config(settings, int(images.shape[1]))
         train_rows = np.asarray([i for i, r in zip(rest, sub, strict=True) if r.split == "train"])
         if train_rows.size < 2:
             train_rows = rest
