@@ -185,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.diffusion_steps:
         config.generator.diffusion_steps = args.diffusion_steps
     if args.budget_s:
-        ae, diff = _steps_for_budget(paths, config, args.preset, args.budget_s)
+        ae, diff = _steps_for_budget(paths, config, args.preset, args.budget_s, args.ae_share)
         config.generator.ae_steps, config.generator.diffusion_steps = ae, diff
         print(f"budget {args.budget_s:.0f} s: {ae} autoencoder + {diff} diffusion steps")
     summary = train_generator(paths, config, preset=args.preset, resume=args.resume,
@@ -197,8 +197,9 @@ def _steps_for_budget(paths: object, config: object, preset: str, budget_s: floa
                       ae_share: float = 0.35) -> tuple[int, int]:
     """Step counts that fill ``budget_s`` seconds of training, from timed probe steps.
 
-    Only the step counts change (the LR schedules still run to completion); a third of the
-    budget goes to the autoencoder as in the presets. The probe's weights are thrown away.
+    Only the step counts change (the LR schedules still run to completion); ``ae_share`` of the
+    budget goes to the autoencoder (about a third, as in the presets, by default). The probe's
+    weights are thrown away.
     """
     from node.generator.device import choose_device
     from node.generator.presets import resolve_config
@@ -309,6 +310,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="set both stages' step counts to fill this many seconds")
+    p.add_argument("--ae-share", type=float, default=0.35,
+                   help="with --budget-s: the autoencoder's share of the budget")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("bench")
     p.add_argument("--home", required=True)

@@ -4,9 +4,9 @@
 #   .venv/bin/python bench/bench_generator.py build --home /tmp/pack-mr --kind mr --size 128 \
 #       --pack .gpudata/mr128.npz        (and --kind ct ... .gpudata/ct128.npz)
 # and the missing wheels (monai, diffusers, cryptography, cffi, pycparser, importlib_metadata)
-# in .whl/. Usage there: bash bench/device_generator.sh mr|ct BUDGET_SECONDS
+# in .whl/. Usage there: bash bench/device_generator.sh mr|ct BUDGET_SECONDS [AE_SHARE]
 set -euo pipefail
-kind=$1 budget=$2
+kind=$1 budget=$2 ae_share=${3:-0.35}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -19,6 +19,7 @@ python3 bench/bench_generator.py build --home "$home" --kind "$kind" \
     --from-pack ".gpudata/${kind}128.npz"
 start=$(date +%s)
 python3 bench/bench_generator.py train --home "$home" --preset gpu --budget-s "$budget" \
+    --ae-share "$ae_share" \
     2> >(tr '\r' '\n' | grep -v '^train: ' > "$out/train-$kind.err") | tail -n 45
 echo "train wall (probe, training, quality): $(( $(date +%s) - start )) s"
 run=$(ls -d "$home"/runs/train-* | tail -1)
