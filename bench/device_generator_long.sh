@@ -2,7 +2,8 @@
 # A gpu-preset run longer than one 10-minute device command: `start` launches
 # device_generator.sh for MR and then CT in a detached session (it outlives the command while
 # the machine stays warm), and each `wait` call watches it for up to SECONDS, then returns the
-# logs and, once everything has finished, all outputs as one archive under $OUT.
+# logs and, once everything has finished, all outputs as one archive under $OUT. Every call
+# must carry .gpudata and .whl again: a call that does not removes them from the tree there.
 # Usage there: bash bench/device_generator_long.sh start MR_BUDGET CT_BUDGET AE_SHARE
 #              bash bench/device_generator_long.sh wait SECONDS
 set -euo pipefail
