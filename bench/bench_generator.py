@@ -185,6 +185,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.diffusion_steps:
         config.generator.diffusion_steps = args.diffusion_steps
     if args.budget_s:
+        if not 0.0 < args.ae_share < 1.0:
+            raise SystemExit(f"--ae-share must be between 0 and 1, not {args.ae_share}")
         ae, diff = _steps_for_budget(paths, config, args.preset, args.budget_s, args.ae_share)
         config.generator.ae_steps, config.generator.diffusion_steps = ae, diff
         print(f"budget {args.budget_s:.0f} s: {ae} autoencoder + {diff} diffusion steps")
@@ -193,13 +195,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 
+AE_SHARE = 0.35  # the autoencoder's share of a --budget-s run, about as in the presets
+
+
 def _steps_for_budget(paths: object, config: object, preset: str, budget_s: float,
-                      ae_share: float = 0.35) -> tuple[int, int]:
+                      ae_share: float = AE_SHARE) -> tuple[int, int]:
     """Step counts that fill ``budget_s`` seconds of training, from timed probe steps.
 
     Only the step counts change (the LR schedules still run to completion); ``ae_share`` of the
-    budget goes to the autoencoder (about a third, as in the presets, by default). The probe's
-    weights are thrown away.
+    budget goes to the autoencoder. The probe's weights are thrown away.
     """
     from node.generator.device import choose_device
     from node.generator.presets import resolve_config
@@ -310,7 +314,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="set both stages' step counts to fill this many seconds")
-    p.add_argument("--ae-share", type=float, default=0.35,
+    p.add_argument("--ae-share", type=float, default=AE_SHARE,
                    help="with --budget-s: the autoencoder's share of the budget")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("bench")

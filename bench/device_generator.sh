@@ -6,7 +6,9 @@
 # and the missing wheels (monai, diffusers, cryptography, cffi, pycparser, importlib_metadata)
 # in .whl/. Usage there: bash bench/device_generator.sh mr|ct BUDGET_SECONDS [AE_SHARE]
 set -euo pipefail
-kind=$1 budget=$2 ae_share=${3:-0.35}
+kind=$1 budget=$2
+share=()
+[ $# -ge 3 ] && share=(--ae-share "$3")
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -18,8 +20,7 @@ rm -rf "$home"
 python3 bench/bench_generator.py build --home "$home" --kind "$kind" \
     --from-pack ".gpudata/${kind}128.npz"
 start=$(date +%s)
-python3 bench/bench_generator.py train --home "$home" --preset gpu --budget-s "$budget" \
-    --ae-share "$ae_share" \
+python3 bench/bench_generator.py train --home "$home" --preset gpu --budget-s "$budget" "${share[@]}" \
     2> >(tr '\r' '\n' | grep -v '^train: ' > "$out/train-$kind.err") | tail -n 45
 echo "train wall (probe, training, quality): $(( $(date +%s) - start )) s"
 run=$(ls -d "$home"/runs/train-* | tail -1)
