@@ -178,6 +178,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from node.config import load_node_config, resolve_home
     from node.generator.train import train_generator
 
+    if not 0.0 < args.ae_share < 1.0:
+        raise SystemExit(f"--ae-share must be between 0 and 1, not {args.ae_share}")
     paths = resolve_home(args.home)
     config = load_node_config(paths)
     if args.ae_steps:
@@ -185,8 +187,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.diffusion_steps:
         config.generator.diffusion_steps = args.diffusion_steps
     if args.budget_s:
-        if not 0.0 < args.ae_share < 1.0:
-            raise SystemExit(f"--ae-share must be between 0 and 1, not {args.ae_share}")
         ae, diff = _steps_for_budget(paths, config, args.preset, args.budget_s, args.ae_share)
         config.generator.ae_steps, config.generator.diffusion_steps = ae, diff
         print(f"budget {args.budget_s:.0f} s: {ae} autoencoder + {diff} diffusion steps")
