@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,6 +45,7 @@ from privacy.errors import GuardError
 
 __all__ = [
     "Metric",
+    "Windows",
     "PixelRMSE",
     "ContrastRMSE",
     "ShiftFlipDistance",
@@ -78,6 +80,37 @@ def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Windows:
+    """Query variants as equally sized windows of a few source images per query.
+
+    Variant ``t`` of query ``q`` is ``sources[q, g, oy : oy + h, ox : ox + w].ravel()`` with
+    ``(g, oy, ox) = offsets[t]`` and ``(h, w) = shape``: what :mod:`privacy.tiles` reads to
+    bound all of a query's variants from a few prefix sums.
+    """
+
+    sources: np.ndarray  # float32 [Q, G, H, W]
+    offsets: np.ndarray  # int64 [T, 3]: (source, top row, left column) of each variant
+    shape: tuple[int, int]  # (h, w) of every window
+
+    def variants(self) -> np.ndarray:
+        """[Q, T, h * w] float32: every variant of every query (the metric's query_variants)."""
+        q = self.sources.shape[0]
+        h, w = self.shape
+        out = np.empty((q, self.offsets.shape[0], h * w), dtype=np.float32)
+        for t, (g, oy, ox) in enumerate(self.offsets.tolist()):
+            out[:, t] = self.sources[:, g, oy : oy + h, ox : ox + w].reshape(q, -1)
+        return out
+
+    def variant(self, q: int, ts: np.ndarray) -> np.ndarray:
+        """[len(ts), h * w] float32: the variants ``ts`` of query ``q``."""
+        h, w = self.shape
+        view = np.lib.stride_tricks.sliding_window_view(self.sources[q], (h, w), axis=(1, 2))
+        g, oy, ox = self.offsets[np.asarray(ts, dtype=np.int64)].T
+        out: np.ndarray = view[g, oy, ox].reshape(len(g), h * w)
+        return out
+
+
 class Metric(ABC):
     """One guard metric: ``d(q, r) = scale * min_t ||V_t(q) - F(r)||``."""
 
@@ -99,6 +132,12 @@ class Metric(ABC):
 
     def n_variants(self) -> int:
         return 1
+
+    def windows(self, images: np.ndarray) -> Windows | None:
+        """The query variants as windows of source images, for metrics whose features are
+        image windows (None otherwise); ``windows(x).variants()`` equals
+        ``query_variants(x)``."""
+        return None
 
     def distance(self, query: np.ndarray, reference: np.ndarray) -> float:
         """The definition, computed directly in float64 for one pair (tests, documentation)."""
@@ -132,6 +171,10 @@ class PixelRMSE(Metric):
         arr = check_images(images)
         return arr.reshape(arr.shape[0], 1, -1)
 
+    def windows(self, images: np.ndarray) -> Windows:
+        arr = check_images(images)
+        return Windows(arr[:, None], np.zeros((1, 3), dtype=np.int64), (arr.shape[1], arr.shape[2]))
+
 
 class ContrastRMSE(Metric):
     """RMSE after scaling each image to unit root-mean-square intensity.
@@ -161,6 +204,11 @@ class ContrastRMSE(Metric):
     def query_variants(self, images: np.ndarray) -> np.ndarray:
         arr = check_images(images)
         return self._unit_rms(arr).reshape(arr.shape[0], 1, -1)
+
+    def windows(self, images: np.ndarray) -> Windows:
+        arr = check_images(images)
+        src = self._unit_rms(arr).reshape(arr.shape[0], 1, arr.shape[1], arr.shape[2])
+        return Windows(src, np.zeros((1, 3), dtype=np.int64), (arr.shape[1], arr.shape[2]))
 
 
 class ShiftFlipDistance(Metric):
@@ -218,20 +266,23 @@ class ShiftFlipDistance(Metric):
         s = self.max_shift_px
         return np.ascontiguousarray(arr[:, s : s + wh, s : s + ww]).reshape(arr.shape[0], -1)
 
-    def query_variants(self, images: np.ndarray) -> np.ndarray:
+    def windows(self, images: np.ndarray) -> Windows:
         arr = check_images(images)
-        n = arr.shape[0]
         wh, ww = self._window(arr.shape)
         s = self.max_shift_px
-        out = np.empty((n, self.n_variants(), wh * ww), dtype=np.float32)
-        sources: dict[tuple[bool, float], np.ndarray] = {}
-        for t, (m, a, dy, dx) in enumerate(self.transforms()):
-            if (m, a) not in sources:
-                src = arr[:, :, ::-1] if m else arr
-                sources[(m, a)] = rotate_images(src, a) if a else src
-            src = sources[(m, a)]
-            out[:, t] = src[:, s + dy : s + dy + wh, s + dx : s + dx + ww].reshape(n, -1)
-        return out
+        groups: dict[tuple[bool, float], int] = {}
+        offsets = []
+        for m, a, dy, dx in self.transforms():
+            g = groups.setdefault((m, a), len(groups))
+            offsets.append((g, s + dy, s + dx))
+        sources = np.empty((arr.shape[0], len(groups), *arr.shape[1:]), dtype=np.float32)
+        for (m, a), g in groups.items():
+            src = arr[:, :, ::-1] if m else arr
+            sources[:, g] = rotate_images(src, a) if a else src
+        return Windows(sources, np.asarray(offsets, dtype=np.int64), (wh, ww))
+
+    def query_variants(self, images: np.ndarray) -> np.ndarray:
+        return self.windows(images).variants()
 
     def describe(self) -> dict[str, object]:
         return {

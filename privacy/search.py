@@ -79,6 +79,7 @@ What this module must never do: use an approximate index to skip a reference, or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,12 @@ __all__ = [
     "exact_sq_distances",
     "exact_pair_sq_distances",
     "brute_force_nearest",
+    "as_feature_matrix",
+    "TopK",
+    "Fetch",
+    "refine_pairs",
+    "gemm_interval",
+    "evaluate_query_pairs",
 ]
 
 EPS_SQ = 2e-4
@@ -136,20 +143,22 @@ class Nearest:
     ``sq`` [Q, k]: exact squared feature distances (inf where fewer than k references);
     ``index`` [Q, k]: reference rows (-1 where none); ``variant`` [Q]: the query variant that
     achieved the nearest; ``evaluated`` [Q]: exact pair evaluations spent (brute force spends
-    T x N per query).
+    T x N per query); ``floor_sq`` [Q]: a proven lower bound on the nearest squared distance
+    (filled by searches capped at a limit, :class:`privacy.tiles.TileIndex`; empty otherwise).
     """
 
     sq: np.ndarray
     index: np.ndarray
     variant: np.ndarray
     evaluated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    floor_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def distances(self, scale: float = 1.0) -> np.ndarray:
         out: np.ndarray = np.sqrt(self.sq) * scale
         return out
 
 
-def _as_matrix(features: np.ndarray, where: str) -> np.ndarray:
+def as_feature_matrix(features: np.ndarray, where: str) -> np.ndarray:
     arr = np.asarray(features)
     if arr.ndim != 2:
         raise GuardError(f"expected a [N, F] matrix, found {arr.shape}", where, 2)
@@ -194,7 +203,7 @@ def _rank_in_groups(groups: np.ndarray) -> np.ndarray:
     return out
 
 
-class _Top:
+class TopK:
     """Running k best distinct references per query (squared distance, index, variant)."""
 
     def __init__(self, q: int, k: int) -> None:
@@ -269,7 +278,7 @@ class ExactIndex:
         blocks: int = 64,
         local_axes: bool = False,
     ) -> None:
-        feats = _as_matrix(features, "reference")
+        feats = as_feature_matrix(features, "reference")
         n, f = feats.shape
         if n == 0:
             raise GuardError("the reference is empty", "reference", 2)
@@ -337,7 +346,7 @@ class ExactIndex:
         checks everything that can be checked cheaply -- version, shapes, finite values and
         orthonormal axes, on which the lower bound rests -- and refuses the state otherwise.
         """
-        feats = _as_matrix(features, "reference")
+        feats = as_feature_matrix(features, "reference")
         n, f = feats.shape
 
         def bad(why: str) -> GuardError:
@@ -433,7 +442,7 @@ class ExactIndex:
         aug_v_sq = np.sum(aug_v.astype(np.float64) ** 2, axis=1).astype(np.float32)
         var_sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64).reshape(q, t)
         norm_v32 = norm_v.astype(np.float32)
-        top = _Top(q, k)
+        top = TopK(q, k)
         evaluated = np.zeros(q, dtype=np.int64)
         n_chunk = int(min(self.n, max(1024, block_entries // t)))
         q_block = max(1, block_entries // (t * n_chunk))
@@ -477,85 +486,24 @@ class ExactIndex:
         self,
         var: np.ndarray,
         var_sq: np.ndarray,
-        top: _Top,
+        top: TopK,
         evaluated: np.ndarray,
         cq: np.ndarray,
         ct: np.ndarray,
         cr: np.ndarray,
         lb: np.ndarray,
     ) -> None:
-        """Exact k-best update from the candidate pairs ``(cq, ct, cr)`` of one chunk.
+        """Exact k-best update from the candidate pairs ``(cq, ct, cr)`` of one chunk."""
 
-        ``lb``: each pair's safe lower bound on its squared distance. Per query, candidates are
-        taken in waves of increasing bound; one float32 GEMM per wave gives each pair's
-        distance to within a proven interval (module docstring, "The float32 filter") and
-        tightens an upper bound on the k-th best distance, which drops later candidates whose
-        lower bound is above it. At the end only pairs whose interval reaches down to that
-        upper bound are evaluated exactly (float64); every other pair is proven not among the
-        k best.
-        """
-        if cq.size == 0:
-            return
-        f = var.shape[2]
-        # gamma32_F, plus 3u for float64 inputs rounded to float32 on the way into the GEMM.
-        gamma = f * _U32 / (1.0 - f * _U32) + 3.0 * _U32
-        # The float64 norms |v|^2, |r|^2 (sums of F exact products) and their combination.
-        slack64 = 2.0 * (f + 4) * _U64
-        order = np.lexsort((lb, cq))
-        cq, ct, cr, lb = cq[order], ct[order], cr[order], lb[order]
-        starts = np.flatnonzero(np.r_[True, cq[1:] != cq[:-1]])
-        ends = np.r_[starts[1:], cq.size]
-        for a, b in zip(starts, ends, strict=True):
-            qi = int(cq[a])
-            qt, qr, qlb = ct[a:b], cr[a:b], lb[a:b]
-            in_top = top.index[qi]
-            limit = top.sq[qi, top.k - 1]
-            ref_ids = np.zeros(0, dtype=np.int64)  # references seen, with their best upper end
-            ref_hi = np.zeros(0)
-            pend_t, pend_r, pend_lo = [], [], []
-            done, wave = 0, 64
-            while done < qt.size:
-                stop = min(qt.size, done + wave)
-                wt, wr = qt[done:stop], qr[done:stop]
-                keep = qlb[done:stop] <= limit
-                wt, wr = wt[keep], wr[keep]
-                done, wave = stop, wave * 4
-                if wt.size == 0:
-                    break  # bounds are sorted: every later pair is above the limit too
-                ts, t_inv = np.unique(wt, return_inverse=True)
-                rs, r_inv = np.unique(wr, return_inverse=True)
-                vm = np.asarray(var[qi, ts], dtype=np.float32)
-                rm = np.asarray(self.features[rs], dtype=np.float32)
-                g = (vm @ rm.T).astype(np.float64)  # float32 products and sums
-                vsq, rsq = var_sq[qi, ts], self.sq_norms[rs]
-                approx = (vsq[:, None] + rsq[None, :] - 2.0 * g)[t_inv, r_inv]
-                err = ((2.0 * gamma + slack64) * np.sqrt(vsq[t_inv] * rsq[r_inv])
-                       + slack64 * (vsq[t_inv] + rsq[r_inv]))
-                lo, hi = approx - err, approx + err
-                # Upper bound on the true k-th best: the k best so far (exact) and the best
-                # upper end of every other reference seen, each reference counted once.
-                ref_ids = np.concatenate([ref_ids, wr])
-                ref_hi = np.concatenate([ref_hi, hi])
-                uniq, inv = np.unique(ref_ids, return_inverse=True)
-                best = np.full(uniq.size, np.inf)
-                np.minimum.at(best, inv, ref_hi)
-                ref_ids, ref_hi = uniq, best
-                pool = np.concatenate([top.sq[qi], best[~np.isin(uniq, in_top)]])
-                limit = min(limit, float(np.partition(pool, top.k - 1)[top.k - 1]))
-                pend_t.append(wt)
-                pend_r.append(wr)
-                pend_lo.append(lo)
-            if not pend_t:
-                continue
-            pt, pr, plo = np.concatenate(pend_t), np.concatenate(pend_r), np.concatenate(pend_lo)
-            pick = plo <= limit
-            self._evaluate(var, top, evaluated, np.full(int(pick.sum()), qi, dtype=np.int64),
-                           pt[pick], pr[pick])
+        def fetch(qi: int, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return var[qi, ts], var_sq[qi, ts]
+
+        refine_pairs(self.features, self.sq_norms, fetch, top, evaluated, cq, ct, cr, lb)
 
     def _evaluate(
         self,
         var: np.ndarray,
-        top: _Top,
+        top: TopK,
         evaluated: np.ndarray,
         qs: np.ndarray,
         ts: np.ndarray,
@@ -571,9 +519,129 @@ class ExactIndex:
         np.add.at(evaluated, qs, 1)
 
 
+Fetch = Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def gemm_interval(
+    dots: np.ndarray, vsq: np.ndarray, rsq: np.ndarray, f: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Proven bounds (lo, hi) on the squared distances of every (variant, reference) pair.
+
+    ``dots`` [V, R]: the float32 GEMM of the variants and the references (inputs float32 or
+    float16, or float64 rounded to float32); ``vsq`` [V], ``rsq`` [R]: exact float64 squared
+    norms; ``f``: the feature dimension (module docstring, "The float32 filter").
+    """
+    # gamma32_F, plus 3u for float64 inputs rounded to float32 on the way into the GEMM.
+    gamma = f * _U32 / (1.0 - f * _U32) + 3.0 * _U32
+    # The float64 norms |v|^2, |r|^2 (sums of F exact products) and their combination.
+    slack64 = 2.0 * (f + 4) * _U64
+    approx = vsq[:, None] + rsq[None, :] - 2.0 * dots.astype(np.float64)
+    err = ((2.0 * gamma + slack64) * np.sqrt(vsq[:, None] * rsq[None, :])
+           + slack64 * (vsq[:, None] + rsq[None, :]))
+    return approx - err, approx + err
+
+
+def refine_pairs(
+    features: np.ndarray,
+    sq_norms: np.ndarray,
+    fetch: Fetch,
+    top: TopK,
+    evaluated: np.ndarray,
+    cq: np.ndarray,
+    ct: np.ndarray,
+    cr: np.ndarray,
+    lb: np.ndarray,
+    cap: float = np.inf,
+) -> None:
+    """Exact k-best update of ``top`` from the candidate pairs ``(cq, ct, cr)``.
+
+    ``fetch(query, variants)`` returns those variants of one query exactly as stored
+    ([len, F], float16/32/64) and their exact float64 squared norms; ``features`` are the
+    reference rows and ``sq_norms`` their exact float64 squared norms. ``lb``: each pair's safe
+    lower bound on its squared distance. ``cap``: pairs proven at or above it are skipped as
+    well (a search only for references closer than ``cap``).
+
+    Per query, candidates are taken in waves of increasing bound; one float32 GEMM per wave
+    gives each pair's distance to within a proven interval (module docstring, "The float32
+    filter") and tightens an upper bound on the k-th best distance, which drops later
+    candidates whose lower bound is above it. At the end only pairs whose interval reaches down
+    to that upper bound are evaluated exactly (float64); every other pair is proven not among
+    the k best (or not below ``cap``).
+    """
+    if cq.size == 0:
+        return
+    order = np.lexsort((lb, cq))
+    cq, ct, cr, lb = cq[order], ct[order], cr[order], lb[order]
+    starts = np.flatnonzero(np.r_[True, cq[1:] != cq[:-1]])
+    ends = np.r_[starts[1:], cq.size]
+    for a, b in zip(starts, ends, strict=True):
+        qi = int(cq[a])
+        qt, qr, qlb = ct[a:b], cr[a:b], lb[a:b]
+        in_top = top.index[qi]
+        limit = min(float(top.sq[qi, top.k - 1]), cap)
+        ref_ids = np.zeros(0, dtype=np.int64)  # references seen, with their best upper end
+        ref_hi = np.zeros(0)
+        pend_t, pend_r, pend_lo = [], [], []
+        done, wave = 0, 64
+        while done < qt.size:
+            stop = min(qt.size, done + wave)
+            wt, wr = qt[done:stop], qr[done:stop]
+            keep = qlb[done:stop] <= limit
+            wt, wr = wt[keep], wr[keep]
+            done, wave = stop, wave * 4
+            if wt.size == 0:
+                break  # bounds are sorted: every later pair is above the limit too
+            ts, t_inv = np.unique(wt, return_inverse=True)
+            rs, r_inv = np.unique(wr, return_inverse=True)
+            vectors, vsq = fetch(qi, ts)
+            vm = np.asarray(vectors, dtype=np.float32)
+            rm = np.asarray(features[rs], dtype=np.float32)
+            lo, hi = gemm_interval(vm @ rm.T, vsq, sq_norms[rs], features.shape[1])
+            lo, hi = lo[t_inv, r_inv], hi[t_inv, r_inv]
+            # Upper bound on the true k-th best: the k best so far (exact) and the best
+            # upper end of every other reference seen, each reference counted once.
+            ref_ids = np.concatenate([ref_ids, wr])
+            ref_hi = np.concatenate([ref_hi, hi])
+            uniq, inv = np.unique(ref_ids, return_inverse=True)
+            best = np.full(uniq.size, np.inf)
+            np.minimum.at(best, inv, ref_hi)
+            ref_ids, ref_hi = uniq, best
+            pool = np.concatenate([top.sq[qi], best[~np.isin(uniq, in_top)]])
+            limit = min(limit, float(np.partition(pool, top.k - 1)[top.k - 1]))
+            pend_t.append(wt)
+            pend_r.append(wr)
+            pend_lo.append(lo)
+        if not pend_t:
+            continue
+        pt, pr, plo = np.concatenate(pend_t), np.concatenate(pend_r), np.concatenate(pend_lo)
+        pick = plo <= limit
+        if pick.any():
+            evaluate_query_pairs(features, fetch, top, evaluated, qi, pt[pick], pr[pick])
+
+
+def evaluate_query_pairs(
+    features: np.ndarray,
+    fetch: Fetch,
+    top: TopK,
+    evaluated: np.ndarray,
+    qi: int,
+    ts: np.ndarray,
+    rs: np.ndarray,
+) -> None:
+    """Exact squared distances of the pairs ``(variant ts[i] of query qi, reference rs[i])``."""
+    uts, inv = np.unique(ts, return_inverse=True)
+    vectors, _ = fetch(qi, uts)
+    sq = np.empty(ts.size, dtype=np.float64)
+    for start in range(0, ts.size, _EXACT_ROWS):
+        sl = slice(start, start + _EXACT_ROWS)
+        sq[sl] = exact_pair_sq_distances(vectors, inv[sl], features, rs[sl])
+    top.merge(np.full(ts.size, qi, dtype=np.int64), rs, ts, sq)
+    evaluated[qi] += ts.size
+
+
 def brute_force_nearest(variants: np.ndarray, features: np.ndarray, k: int = 1) -> Nearest:
     """The definition: every variant against every reference row, exactly (tests, bench)."""
-    feats = _as_matrix(features, "reference")
+    feats = as_feature_matrix(features, "reference")
     var = np.asarray(variants)
     if var.ndim == 2:
         var = var[:, None, :]

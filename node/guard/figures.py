@@ -18,8 +18,12 @@ def distance_histograms_png(
     new_patient: dict[str, np.ndarray],
     thresholds: dict[str, float],
     canaries: dict[str, np.ndarray] | None = None,
+    bounded: list[str] | tuple[str, ...] = (),
 ) -> bytes:
-    """One panel per metric: candidates, canaries and new-patient distances; threshold line."""
+    """One panel per metric: candidates, canaries and new-patient distances; threshold line.
+
+    ``bounded``: metrics whose values at or above the threshold are proven lower bounds, not
+    distances (said in the panel's title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +45,8 @@ def distance_histograms_png(
                 ax.hist(np.asarray(v, dtype=float), bins=bins, alpha=0.5, label=label,
                         color=colour, density=True)
         ax.axvline(thresholds[name], color="black", linestyle="--", label="threshold")
-        ax.set_title(name)
+        ax.set_title(f"{name}\n(above the line: lower bounds)" if name in bounded else name,
+                     fontsize=9)
         ax.set_xlabel("distance to nearest real slice")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -1,0 +1,379 @@
+"""Exact nearest-neighbour search over image windows, pruned by tile statistics.
+
+The shift / mirror / rotation metric compares every real slice with hundreds of variants of
+each candidate (486 by default: 81 shifts x mirror x 3 rotations). :class:`privacy.search.
+ExactIndex` projects every variant on principal axes and bounds every (variant, reference)
+pair with a 272-term GEMM: about 1.5 million bounds per candidate against 3,000 slices, which
+costs a third of a sampling step. This index bounds the same pairs far more cheaply, because
+each variant is a *window of a source image* (:class:`privacy.metrics.Windows`): the bound's
+coordinates of all windows come from two prefix sums per source, and a coarse-to-fine cascade
+of bounds leaves the fine levels, the float32 filter and the exact float64 distances to a few
+pairs.
+
+**The bound.** Split an ``h x w`` window into square tiles of side ``b`` (``b`` divides ``h``
+and ``w``; ``n = b^2`` pixels each). For a window ``x`` let ``S1_j``, ``S2_j`` be the sum and the
+sum of squares of tile ``j``, and the tile-statistics vector::
+
+    A(x) = [S1_1 / b, ..., S1_m / b,  rho_1, ..., rho_m],   rho_j = sqrt(S2_j - S1_j^2 / n)
+
+(``S1_j / b`` is the coordinate of ``x`` on the unit vector of tile ``j``; ``rho_j`` the norm
+of the rest of ``x`` on that tile). The unit tile vectors are orthonormal, so by the argument
+of :mod:`privacy.search` (Pythagoras, then the reverse triangle inequality on each tile's
+remainder) ``|A(v) - A(r)| <= |v - r|`` for every pair. Tile sides from coarse to fine give a
+cascade: a pair is dropped as soon as one level proves it no closer than the current limit.
+
+**Cheap for windows.** With float64 prefix sums ``P1``, ``P2`` of a source and of its square,
+every ``S1_j``, ``S2_j`` of every window is four lookups (box sums), so the statistics of all
+486 variants cost about as much as one pass over the candidate.
+
+**Floating point.** The statistics are computed in float64 from float32 (or float16) inputs,
+exact in float64. For a source of ``H x W`` pixels with total energy ``E = sum x^2`` and
+``kappa = (4 (H + W) + b^2 + 8) u`` (``u = 2^-53``), the two cumulative sums and the four-term
+box sum (or, for a source that is its own window, a direct sum of ``b^2`` terms) give ``S2`` to
+within ``e2 = kappa E`` and ``S1`` to within ``e1 = kappa sqrt(H W E)`` (Higham, 4.2).
+Since ``|S1_j| <= b sqrt(E)``, ``rho_j^2`` is off by at most
+``e2 + 2 sqrt(E) e1 / b + e1^2 / b^2 + 6 u E``, hence ``rho_j`` by the square root of that,
+and the coordinate ``S1_j / b`` by ``e1 / b + u sqrt(E)``; over the ``m`` tiles the computed
+vector ``a(x)`` is within ``delta(x)`` (:func:`_delta`, doubled for margin) of ``A(x)``.
+Then ``|v - r| >= L - D`` with ``L = |a(v) - a(r)|``, ``D = delta(v) + delta(r)``, so
+``|v - r|^2 >= L^2 - 2 D (|a(v)| + |a(r)|)`` (also when ``L < D``: then the right side is
+negative). ``L^2`` is evaluated as one float32 GEMM of augmented rows over ``d + 4 <= 1028``
+terms (``d = 2 m``), with the slack folded in::
+
+    [a(v), beta_v, 1, |a(v)|^2 - beta_v^2] . [-2 a(r), -2 beta_r, |a(r)|^2 - beta_r^2, 1]
+        = L^2 - (beta_v + beta_r)^2,     beta_x = sqrt(EPS) |a(x)| + delta(x) / sqrt(EPS)
+
+with ``EPS = 2e-4``. The GEMM (and the rounding of its inputs to float32) errs by at most
+``c ((|a(v)| + |a(r)|)^2 + (beta_v + beta_r)^2)``, ``c = gamma32_1028 + 2^-23 < 6.3e-5``;
+``(beta_v + beta_r)^2 = EPS A^2 + 2 A D + D^2 / EPS`` with ``A = |a(v)| + |a(r)|`` exceeds
+that error plus ``2 A D`` (the quadratic ``(EPS (1 - c) - c) A^2 - 2 c A D + (1 - c) D^2 / EPS``
+has a negative discriminant), so the computed value never exceeds ``|v - r|^2``. Property
+tests compare every result with brute force (``tests/test_privacy_tiles.py``).
+
+**The search.** Per block of queries and chunk of references: the coarsest level for every
+(variant, reference) pair; the limit ``U`` is the query's current k-th best exact distance
+(seeded, when no cap is given, by exact distances of the few references of smallest bound),
+or the ``cap``. Finer levels run only on references with a surviving pair; what survives the
+finest level goes to :func:`privacy.search.refine_pairs` (float32 filter, then exact float64
+distances, the formula brute force uses). With ``cap``, the search answers "the k nearest
+references closer than ``cap``": references at or beyond it are proven so and reported as
+``inf`` / ``-1``, which is all a threshold decision needs and prunes far more.
+
+What this module must never do: skip a pair without a proven bound, or read files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from privacy.errors import GuardError
+from privacy.metrics import Windows
+from privacy.search import (
+    EPS_SQ,
+    Fetch,
+    Nearest,
+    TopK,
+    as_feature_matrix,
+    evaluate_query_pairs,
+    gemm_interval,
+)
+
+__all__ = ["TileIndex", "tile_sizes", "tile_statistics", "MAX_TILES"]
+
+MAX_TILES = 500  # tiles per level: keeps the GEMM at d + 4 <= 1004 terms
+_U64 = 2.0**-53
+_SEED_REFS = 8
+
+
+def tile_sizes(h: int, w: int, per_side: tuple[int, ...] = (7, 14)) -> tuple[int, ...]:
+    """Tile sides for an ``h x w`` window, coarse to fine: for each wanted number of tiles
+    per side, the common divisor of ``h`` and ``w`` (at least 2) nearest ``h / n``, with at
+    most :data:`MAX_TILES` tiles. Empty when ``h`` and ``w`` share no divisor above 1."""
+    divisors = [d for d in range(2, min(h, w) + 1) if h % d == 0 and w % d == 0]
+    divisors = [d for d in divisors if (h // d) * (w // d) <= MAX_TILES]
+    out: list[int] = []
+    for n in per_side:
+        if not divisors:
+            break
+        best = min(divisors, key=lambda d: (abs(h / d - n), -d))
+        if best not in out:
+            out.append(best)
+    return tuple(sorted(out, reverse=True))
+
+
+def _prefix(sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 prefix sums of ``sources`` [..., H, W] and of their squares, zero-padded."""
+    x = np.asarray(sources, dtype=np.float64)
+    shape = (*x.shape[:-2], x.shape[-2] + 1, x.shape[-1] + 1)
+    p1 = np.zeros(shape)
+    p2 = np.zeros(shape)
+    np.cumsum(np.cumsum(x, axis=-2), axis=-1, out=p1[..., 1:, 1:])
+    np.cumsum(np.cumsum(x * x, axis=-2), axis=-1, out=p2[..., 1:, 1:])
+    return p1, p2
+
+
+def _box(p: np.ndarray, b: int) -> np.ndarray:
+    """Sums of every ``b x b`` box of the image whose prefix sums are ``p``: [..., H-b+1, W-b+1]."""
+    out: np.ndarray = p[..., b:, b:] - p[..., :-b, b:] - p[..., b:, :-b] + p[..., :-b, :-b]
+    return out
+
+
+def _delta(energy: np.ndarray, h: int, w: int, b: int, m: int) -> np.ndarray:
+    """Bound on ``|a(x) - A(x)|`` for windows of a source of ``h x w`` pixels and energy E
+    (module docstring, "Floating point"), doubled for margin."""
+    e = np.maximum(np.asarray(energy, dtype=np.float64), 0.0)
+    kappa = (4.0 * (h + w) + b * b + 8.0) * _U64
+    e1 = kappa * np.sqrt(h * w * e)
+    e2 = kappa * e
+    rho = e2 + 2.0 * np.sqrt(e) * e1 / b + (e1 / b) ** 2 + 6.0 * _U64 * e
+    coord = e1 / b + _U64 * np.sqrt(e)
+    out: np.ndarray = 2.0 * np.sqrt(m * (coord**2 + rho)) + 1e-300
+    return out
+
+
+def tile_statistics(
+    windows: Windows, sizes: tuple[int, ...]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per tile side: (a [Q, T, 2m] float64 tile-statistics vectors of every variant,
+    delta [Q, T] the bound on their error)."""
+    sources, offsets = windows.sources, windows.offsets
+    h, w = windows.shape
+    q, g, hs, ws = sources.shape
+    t = offsets.shape[0]
+    if (hs, ws) == (h, w) and t == 1:  # each source is its one window: sum tiles directly
+        x = np.asarray(sources[:, 0], dtype=np.float64)
+        x2 = x * x
+        energy = np.einsum("qij->q", x2)[:, None]
+        out = []
+        for b in sizes:
+            ny, nx = h // b, w // b
+            s1 = x.reshape(q, ny, b, nx, b).sum(axis=(2, 4)).reshape(q, 1, ny * nx)
+            s2 = x2.reshape(q, ny, b, nx, b).sum(axis=(2, 4)).reshape(q, 1, ny * nx)
+            out.append(_finish(s1, s2, b, _delta(energy, hs, ws, b, ny * nx)))
+        return out
+    p1, p2 = _prefix(sources)
+    energy = p2[:, :, -1, -1]  # [Q, G]
+    out = []
+    for b in sizes:
+        ny, nx = h // b, w // b
+        b1 = _box(p1, b).reshape(q, -1)
+        b2 = _box(p2, b).reshape(q, -1)
+        hb, wb = hs - b + 1, ws - b + 1
+        iy = offsets[:, 1, None, None] + b * np.arange(ny)[None, :, None]
+        ix = offsets[:, 2, None, None] + b * np.arange(nx)[None, None, :]
+        flat = (offsets[:, 0, None, None] * (hb * wb) + iy * wb + ix).reshape(-1)
+        s1 = np.take(b1, flat, axis=1).reshape(q, t, ny * nx)
+        s2 = np.take(b2, flat, axis=1).reshape(q, t, ny * nx)
+        out.append(_finish(s1, s2, b, _delta(energy, hs, ws, b, ny * nx)[:, offsets[:, 0]]))
+    return out
+
+
+def _finish(
+    s1: np.ndarray, s2: np.ndarray, b: int, delta: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(a, delta) from the tile sums ``s1`` and sums of squares ``s2`` [Q, T, m]."""
+    rho2 = s2 - s1 * s1 / float(b * b)
+    np.maximum(rho2, 0.0, out=rho2)
+    return np.concatenate([s1 / float(b), np.sqrt(rho2)], axis=2), delta
+
+
+def _left(a: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """float32 rows ``[a, beta, 1, |a|^2 - beta^2]`` (module docstring)."""
+    norm2 = np.einsum("...i,...i->...", a, a)
+    beta = math.sqrt(EPS_SQ) * np.sqrt(norm2) + delta / math.sqrt(EPS_SQ)
+    out = np.empty((*a.shape[:-1], a.shape[-1] + 3), dtype=np.float32)
+    out[..., :-3] = a
+    out[..., -3] = beta
+    out[..., -2] = 1.0
+    out[..., -1] = norm2 - beta * beta
+    return out
+
+
+def _right(a: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """float32 columns ``[-2 a, -2 beta, |a|^2 - beta^2, 1]`` as a [d + 3, N] matrix."""
+    norm2 = np.einsum("ij,ij->i", a, a)
+    beta = math.sqrt(EPS_SQ) * np.sqrt(norm2) + delta / math.sqrt(EPS_SQ)
+    out = np.empty((a.shape[1] + 3, a.shape[0]), dtype=np.float32)
+    out[:-3] = -2.0 * a.T
+    out[-3] = -2.0 * beta
+    out[-2] = norm2 - beta * beta
+    out[-1] = 1.0
+    return out
+
+
+class TileIndex:
+    """Reference windows [N, h * w] plus their tile statistics; exact k-NN of window queries.
+
+    ``sizes``: tile sides, coarse to fine (default :func:`tile_sizes`); each must divide both
+    window sides and give at most :data:`MAX_TILES` tiles.
+    """
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        shape: tuple[int, int],
+        sizes: tuple[int, ...] | None = None,
+        chunk_rows: int = 8192,
+    ) -> None:
+        feats = as_feature_matrix(features, "reference")
+        n, f = feats.shape
+        h, w = int(shape[0]), int(shape[1])
+        if n == 0:
+            raise GuardError("the reference is empty", "reference", 2)
+        if h * w != f:
+            raise GuardError(f"windows of {h}x{w} do not match {f} features", "reference", 2)
+        self.sizes = tuple(sizes) if sizes is not None else tile_sizes(h, w)
+        if not self.sizes:
+            raise GuardError(f"no tile side divides a {h}x{w} window", "reference", 2)
+        for b in self.sizes:
+            if b < 1 or h % b or w % b or (h // b) * (w // b) > MAX_TILES:
+                raise GuardError(f"tile side {b} does not fit a {h}x{w} window", "reference", 2)
+        self.features, self.n, self.dim, self.shape = feats, n, f, (h, w)
+        self.chunk_rows = chunk_rows
+        self.sq_norms = np.empty(n, dtype=np.float64)
+        self.right: list[np.ndarray] = [
+            np.empty((2 * (h // b) * (w // b) + 3, n), dtype=np.float32) for b in self.sizes
+        ]
+        zero = np.zeros((1, 3), dtype=np.int64)
+        for start in range(0, n, chunk_rows):
+            stop = min(n, start + chunk_rows)
+            block = feats[start:stop].astype(np.float64)
+            self.sq_norms[start:stop] = np.einsum("ij,ij->i", block, block)
+            win = Windows(feats[start:stop].reshape(stop - start, 1, h, w), zero, (h, w))
+            for level, (a, delta) in enumerate(tile_statistics(win, self.sizes)):
+                self.right[level][:, start:stop] = _right(a[:, 0], delta[:, 0])
+
+    def nearest(
+        self,
+        windows: Windows,
+        k: int = 1,
+        cap_sq: float = math.inf,
+        block_entries: int = 1 << 19,
+    ) -> Nearest:
+        """Exact k nearest distinct references of each query (minimum over its variants).
+
+        With a finite ``cap_sq`` only references at squared distance below it are searched
+        for: rows of ``sq`` at or above the cap are reported as ``inf`` (index -1), and
+        ``floor_sq`` holds, for every query, a proven lower bound on its nearest squared
+        distance (the exact value where that is below the cap; at or above the cap otherwise).
+        """
+        if tuple(windows.shape) != self.shape:
+            raise GuardError(
+                f"query windows of {windows.shape} do not match the reference {self.shape}",
+                "queries",
+                2,
+            )
+        q, t = windows.sources.shape[0], windows.offsets.shape[0]
+        k = max(1, min(k, self.n))
+        top = TopK(q, k)
+        evaluated = np.zeros(q, dtype=np.int64)
+        floor = np.full(q, np.inf)
+
+        def fetch(qi: int, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            vec = windows.variant(qi, ts)
+            v64 = vec.astype(np.float64)
+            return vec, np.einsum("ij,ij->i", v64, v64)
+
+        n_chunk = int(min(self.n, max(1024, block_entries // t)))
+        q_block = max(1, block_entries // (t * n_chunk))
+        for q0 in range(0, q, q_block):
+            q1 = min(q, q0 + q_block)
+            part = Windows(windows.sources[q0:q1], windows.offsets, windows.shape)
+            lefts = [_left(a, delta) for a, delta in tile_statistics(part, self.sizes)]
+            for n0 in range(0, self.n, n_chunk):
+                n1 = min(self.n, n0 + n_chunk)
+                lb0 = (lefts[0].reshape((q1 - q0) * t, -1) @ self.right[0][:, n0:n1]).reshape(
+                    q1 - q0, t, n1 - n0
+                )
+                for j in range(q1 - q0):
+                    qi = q0 + j
+                    lb = lb0[j]
+                    if not math.isfinite(cap_sq):
+                        self._seed(lb, qi, n0, fetch, top, evaluated)
+                    limit = min(float(top.sq[qi, k - 1]), cap_sq)
+                    low = self._cascade(lb, [lf[j] for lf in lefts[1:]], qi, n0, limit,
+                                        fetch, top, evaluated)
+                    floor[qi] = min(floor[qi], low)
+        np.minimum(floor, top.sq[:, 0], out=floor)
+        if math.isfinite(cap_sq):
+            over = top.sq >= cap_sq
+            top.sq[over] = np.inf
+            top.index[over] = -1
+            top.variant[over] = -1
+        return Nearest(sq=top.sq, index=top.index, variant=top.variant[:, 0],
+                       evaluated=evaluated, floor_sq=floor)
+
+    def _seed(
+        self, lb: np.ndarray, qi: int, n0: int, fetch: Fetch, top: TopK, evaluated: np.ndarray
+    ) -> None:
+        """Exact distances of the few references of smallest bound, at their best variant."""
+        best_t = lb.argmin(axis=0)
+        best = lb[best_t, np.arange(lb.shape[1])]
+        m = min(lb.shape[1], max(_SEED_REFS, 2 * top.k))
+        rs = np.argpartition(best, m - 1)[:m]
+        evaluate_query_pairs(self.features, fetch, top, evaluated, qi, best_t[rs], rs + n0)
+
+    def _cascade(
+        self,
+        lb: np.ndarray,
+        finer: list[np.ndarray],
+        qi: int,
+        n0: int,
+        limit: float,
+        fetch: Fetch,
+        top: TopK,
+        evaluated: np.ndarray,
+    ) -> float:
+        """Finer levels on the references with a surviving pair, then the exact refinement.
+
+        Returns a lower bound on the squared distance of every pair that was not evaluated
+        exactly (the evaluated ones are in ``top``).
+        """
+        bound32 = np.nextafter(np.float32(limit), np.float32(np.inf))  # rounded up
+        per_ref = lb.min(axis=0)
+        live = per_ref < bound32
+        low = float(per_ref[~live].min()) if not live.all() else math.inf
+        refs = np.flatnonzero(live)
+        if refs.size == 0:
+            return low
+        best = lb[:, refs].astype(np.float64)
+        alive = best < limit
+        for level, left in enumerate(finer, start=1):
+            lbj = (left @ self.right[level][:, n0 + refs]).astype(np.float64)
+            np.maximum(best, lbj, out=best)
+            alive &= best < limit
+            keep = alive.any(axis=0)
+            if not keep.all():
+                low = min(low, float(best[:, ~keep].min()))
+            refs, best, alive = refs[keep], best[:, keep], alive[:, keep]
+            if refs.size == 0:
+                return low
+        rows_alive = alive.any(axis=1)
+        if not rows_alive.all():
+            low = min(low, float(best[~rows_alive].min()))
+        ts = np.flatnonzero(rows_alive)
+        alive, best = alive[ts], best[ts]
+        vectors, vsq = fetch(qi, ts)
+        rows = refs + n0
+        lo, hi = gemm_interval(
+            np.asarray(vectors, dtype=np.float32)
+            @ np.asarray(self.features[rows], dtype=np.float32).T,
+            vsq, self.sq_norms[rows], self.dim,
+        )
+        np.maximum(lo, best, out=lo)
+        lo_all = lo.copy()
+        lo[~alive] = np.inf
+        hi[~alive] = np.inf
+        # Upper bound on the true k-th best: the k best so far (exact) and the best upper end
+        # of every other surviving reference, each reference counted once.
+        others = hi.min(axis=0)[~np.isin(rows, top.index[qi])]
+        pool = np.concatenate([top.sq[qi], others])
+        limit = min(limit, float(np.partition(pool, top.k - 1)[top.k - 1]))
+        picked = lo <= limit
+        low = min(low, float(np.where(picked, np.inf, lo_all).min()))
+        ct, cr = np.nonzero(picked)
+        if ct.size:
+            evaluate_query_pairs(self.features, fetch, top, evaluated, qi, ts[ct], rows[cr])
+        return low
