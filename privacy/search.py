@@ -110,6 +110,7 @@ MAX_DIM = 1 << 21
 MAX_COMPONENTS = 512
 MAX_BLOCKS = 512
 _EXACT_ROWS = 2048
+_DENSE_ENTRIES = 1 << 26  # one-variant queries go dense below this many reference entries
 _SEED_REFS = 8
 _U32 = 2.0**-24  # unit roundoff of float32
 _U64 = 2.0**-53  # unit roundoff of float64
@@ -393,6 +394,7 @@ class ExactIndex:
     def _set_projection(self, aug: np.ndarray, norms: np.ndarray) -> None:
         """Keep the projected reference and derive what the search reads with it."""
         self.aug, self.norms = aug, norms
+        self._features32: np.ndarray | None = None
         self.aug_sq = np.sum(aug.astype(np.float64) ** 2, axis=1).astype(np.float32)
         self.sq_norms = np.empty(self.n, dtype=np.float64)  # exact |r|^2 of the stored rows
         for start in range(0, self.n, self.chunk_rows):
@@ -433,6 +435,8 @@ class ExactIndex:
             )
         q, t, _ = var.shape
         k = max(1, min(k, self.n))
+        if t == 1 and self.n * self.dim <= _DENSE_ENTRIES:
+            return self._dense(var[:, 0, :], k)
         flat = var.reshape(q * t, self.dim)
         aug_v = np.empty((q * t, self.aug.shape[1]), dtype=np.float32)
         norm_v = np.empty(q * t, dtype=np.float64)
@@ -481,6 +485,31 @@ class ExactIndex:
         return Nearest(
             sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated
         )
+
+    def _dense(self, flat: np.ndarray, k: int) -> Nearest:
+        """One variant per query against a small reference: every pair by one float32 GEMM
+        with its proven interval (:func:`gemm_interval`), then exact float64 distances for the
+        pairs whose interval reaches down to the k-th smallest upper end of their query."""
+        if self._features32 is None:
+            self._features32 = np.asarray(self.features, dtype=np.float32)
+        q = flat.shape[0]
+        vsq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
+        top = TopK(q, k)
+        evaluated = np.zeros(q, dtype=np.int64)
+        step = max(1, (1 << 22) // self.n)
+        for q0 in range(0, q, step):
+            q1 = min(q, q0 + step)
+            dots = np.asarray(flat[q0:q1], dtype=np.float32) @ self._features32.T
+            lo, hi = gemm_interval(dots, vsq[q0:q1], self.sq_norms, self.dim)
+            upper = np.partition(hi, k - 1, axis=1)[:, k - 1]  # >= the true k-th best
+            cq, cr = np.nonzero(lo <= upper[:, None])
+            sq = np.empty(cq.size)
+            for start in range(0, cq.size, _EXACT_ROWS):
+                sl = slice(start, start + _EXACT_ROWS)
+                sq[sl] = exact_pair_sq_distances(flat, cq[sl] + q0, self.features, cr[sl])
+            top.merge(cq + q0, cr, np.zeros(cq.size, dtype=np.int64), sq)
+            evaluated[q0:q1] += np.bincount(cq, minlength=q1 - q0)
+        return Nearest(sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated)
 
     def _refine(
         self,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from privacy import search
 from privacy.guard import Guard
 from privacy.metrics import PixelRMSE, ShiftFlipDistance
 from privacy.search import (
@@ -58,12 +61,16 @@ def problems(draw):  # type: ignore[no-untyped-def]
 def test_pruned_search_equals_brute_force_on_random_data(problem) -> None:  # type: ignore[no-untyped-def]
     ref, var, k, comps, blocks, local = problem
     index = ExactIndex(ref, n_components=comps, sample_size=32, blocks=blocks, local_axes=local)
-    got = index.nearest(var, k=k, block_entries=1 << 10)
     want = brute_force_nearest(var, ref, k=k)
-    _assert_same(got, want)
-    # Every accept / reject decision at any threshold equals brute force's.
-    for threshold in np.unique(want.sq[:, 0]).tolist() + [0.0, 1e-3, 0.5]:
-        np.testing.assert_array_equal(got.sq[:, 0] >= threshold, want.sq[:, 0] >= threshold)
+    # One-variant queries against a small reference take the dense GEMM path; with it
+    # switched off they take the pruned path that large references use. Both must be exact.
+    for dense in (True, False):
+        with patch.object(search, "_DENSE_ENTRIES", search._DENSE_ENTRIES if dense else -1):
+            got = index.nearest(var, k=k, block_entries=1 << 10)
+        _assert_same(got, want)
+        # Every accept / reject decision at any threshold equals brute force's.
+        for threshold in np.unique(want.sq[:, 0]).tolist() + [0.0, 1e-3, 0.5]:
+            np.testing.assert_array_equal(got.sq[:, 0] >= threshold, want.sq[:, 0] >= threshold)
 
 
 @settings(max_examples=60, deadline=None)
@@ -109,9 +116,10 @@ def test_float32_filter_keeps_exactness_on_near_ties(seed: int, spread: float, d
     ref = (base[None, :] + rng.normal(0, spread, (300, 4096))).astype(dtype)
     var = (base[None, None, :] + rng.normal(0, spread, (3, 2, 4096))).astype(dtype)
     k = int(rng.integers(1, 4))
-    got = ExactIndex(ref, n_components=16, blocks=8, local_axes=bool(seed % 2)).nearest(var, k=k)
-    want = brute_force_nearest(var, ref, k=k)
-    _assert_same(got, want)
+    index = ExactIndex(ref, n_components=16, blocks=8, local_axes=bool(seed % 2))
+    for t in (2, 1):  # two variants: the pruned path; one: the dense path
+        got = index.nearest(var[:, :t], k=k)
+        _assert_same(got, brute_force_nearest(var[:, :t], ref, k=k))
 
 
 def test_pruning_skips_most_references_on_structured_data() -> None:
