@@ -192,10 +192,13 @@ class ContrastRMSE(Metric):
         return 1.0 / math.sqrt(image_shape[0] * image_shape[1])
 
     @staticmethod
-    def _unit_rms(arr: np.ndarray) -> np.ndarray:
-        flat = arr.reshape(arr.shape[0], -1).astype(np.float32)
-        rms = np.sqrt(np.mean(flat.astype(np.float64) ** 2, axis=1, keepdims=True))
-        out: np.ndarray = (flat / np.where(rms > 1e-12, rms, 1.0)).astype(np.float32)
+    def _unit_rms(arr: np.ndarray, chunk: int = 256) -> np.ndarray:
+        flat = arr.reshape(arr.shape[0], -1)
+        out = np.empty(flat.shape, dtype=np.float32)
+        for start in range(0, flat.shape[0], chunk):  # rows are independent: chunks stay in cache
+            part = flat[start : start + chunk].astype(np.float32)
+            rms = np.sqrt(np.mean(part.astype(np.float64) ** 2, axis=1, keepdims=True))
+            out[start : start + chunk] = part / np.where(rms > 1e-12, rms, 1.0)
         return out
 
     def reference_features(self, images: np.ndarray) -> np.ndarray:

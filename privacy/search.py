@@ -397,9 +397,9 @@ class ExactIndex:
         self._features32: np.ndarray | None = None
         self.aug_sq = np.sum(aug.astype(np.float64) ** 2, axis=1).astype(np.float32)
         self.sq_norms = np.empty(self.n, dtype=np.float64)  # exact |r|^2 of the stored rows
-        for start in range(0, self.n, self.chunk_rows):
-            block = self.features[start : start + self.chunk_rows].astype(np.float64)
-            self.sq_norms[start : start + self.chunk_rows] = np.einsum("ij,ij->i", block, block)
+        for start in range(0, self.n, 256):  # small blocks stay in cache
+            block = self.features[start : start + 256].astype(np.float64)
+            self.sq_norms[start : start + 256] = np.einsum("ij,ij->i", block, block)
 
     @property
     def n_components(self) -> int:

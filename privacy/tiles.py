@@ -153,21 +153,8 @@ def tile_statistics(
             s2 = x2.reshape(q, ny, b, nx, b).sum(axis=(2, 4)).reshape(q, 1, ny * nx)
             out.append(_finish(s1, s2, b, _delta(energy, hs, ws, b, ny * nx)))
         return out
-    p1, p2 = _prefix(sources)
-    energy = p2[:, :, -1, -1]  # [Q, G]
-    out = []
-    for b in sizes:
-        ny, nx = h // b, w // b
-        b1 = _box(p1, b).reshape(q, -1)
-        b2 = _box(p2, b).reshape(q, -1)
-        hb, wb = hs - b + 1, ws - b + 1
-        iy = offsets[:, 1, None, None] + b * np.arange(ny)[None, :, None]
-        ix = offsets[:, 2, None, None] + b * np.arange(nx)[None, None, :]
-        flat = (offsets[:, 0, None, None] * (hb * wb) + iy * wb + ix).reshape(-1)
-        s1 = np.take(b1, flat, axis=1).reshape(q, t, ny * nx)
-        s2 = np.take(b2, flat, axis=1).reshape(q, t, ny * nx)
-        out.append(_finish(s1, s2, b, _delta(energy, hs, ws, b, ny * nx)[:, offsets[:, 0]]))
-    return out
+    block = _BlockStats(windows, sizes)
+    return [block.stats(level, slice(None), slice(None)) for level in range(len(sizes))]
 
 
 def _finish(
@@ -203,6 +190,46 @@ def _right(a: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return out
 
 
+class _BlockStats:
+    """Box sums of a block of queries' sources, turned into GEMM rows on demand.
+
+    Level 0 needs every variant; the finer levels only the variants that still have a live
+    pair, so their statistics are gathered per query and per variant when asked for.
+    """
+
+    def __init__(self, windows: Windows, sizes: tuple[int, ...]) -> None:
+        sources, offsets = windows.sources, windows.offsets
+        h, w = windows.shape
+        q, _, hs, ws = sources.shape
+        p1, p2 = _prefix(sources)
+        energy = p2[:, :, -1, -1]  # [Q, G]
+        self.sizes = sizes
+        self.sums: list[tuple[np.ndarray, np.ndarray]] = []
+        self.flat: list[np.ndarray] = []  # per level: [T, m] positions in the box sums
+        self.delta: list[np.ndarray] = []  # per level: [Q, T]
+        for b in sizes:
+            ny, nx = h // b, w // b
+            hb, wb = hs - b + 1, ws - b + 1
+            self.sums.append((_box(p1, b).reshape(q, -1), _box(p2, b).reshape(q, -1)))
+            iy = offsets[:, 1, None, None] + b * np.arange(ny)[None, :, None]
+            ix = offsets[:, 2, None, None] + b * np.arange(nx)[None, None, :]
+            self.flat.append((offsets[:, 0, None, None] * (hb * wb) + iy * wb + ix)
+                             .reshape(offsets.shape[0], ny * nx))
+            self.delta.append(_delta(energy, hs, ws, b, ny * nx)[:, offsets[:, 0]])
+
+    def stats(self, level: int, rows: np.ndarray | slice, ts: np.ndarray | slice
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(a [len(rows), len(ts), 2m], delta) of queries ``rows`` and variants ``ts``."""
+        b1, b2 = self.sums[level]
+        idx = self.flat[level][ts]
+        s1 = b1[rows][:, idx]
+        s2 = b2[rows][:, idx]
+        return _finish(s1, s2, self.sizes[level], self.delta[level][rows][:, ts])
+
+    def left(self, level: int, rows: np.ndarray | slice, ts: np.ndarray | slice) -> np.ndarray:
+        return _left(*self.stats(level, rows, ts))
+
+
 class TileIndex:
     """Reference windows [N, h * w] plus their tile statistics; exact k-NN of window queries.
 
@@ -215,7 +242,7 @@ class TileIndex:
         features: np.ndarray,
         shape: tuple[int, int],
         sizes: tuple[int, ...] | None = None,
-        chunk_rows: int = 8192,
+        chunk_rows: int = 256,
     ) -> None:
         feats = as_feature_matrix(features, "reference")
         n, f = feats.shape
@@ -280,11 +307,13 @@ class TileIndex:
         q_block = max(1, block_entries // (t * n_chunk))
         for q0 in range(0, q, q_block):
             q1 = min(q, q0 + q_block)
-            part = Windows(windows.sources[q0:q1], windows.offsets, windows.shape)
-            lefts = [_left(a, delta) for a, delta in tile_statistics(part, self.sizes)]
+            part = _BlockStats(
+                Windows(windows.sources[q0:q1], windows.offsets, windows.shape), self.sizes
+            )
+            left0 = part.left(0, slice(None), slice(None))
             for n0 in range(0, self.n, n_chunk):
                 n1 = min(self.n, n0 + n_chunk)
-                lb0 = (lefts[0].reshape((q1 - q0) * t, -1) @ self.right[0][:, n0:n1]).reshape(
+                lb0 = (left0.reshape((q1 - q0) * t, -1) @ self.right[0][:, n0:n1]).reshape(
                     q1 - q0, t, n1 - n0
                 )
                 for j in range(q1 - q0):
@@ -293,8 +322,7 @@ class TileIndex:
                     if not math.isfinite(cap_sq):
                         self._seed(lb, qi, n0, fetch, top, evaluated)
                     limit = min(float(top.sq[qi, k - 1]), cap_sq)
-                    low = self._cascade(lb, [lf[j] for lf in lefts[1:]], qi, n0, limit,
-                                        fetch, top, evaluated)
+                    low = self._cascade(lb, part, j, qi, n0, limit, fetch, top, evaluated)
                     floor[qi] = min(floor[qi], low)
         np.minimum(floor, top.sq[:, 0], out=floor)
         if math.isfinite(cap_sq):
@@ -318,7 +346,8 @@ class TileIndex:
     def _cascade(
         self,
         lb: np.ndarray,
-        finer: list[np.ndarray],
+        part: _BlockStats,
+        j: int,
         qi: int,
         n0: int,
         limit: float,
@@ -340,9 +369,11 @@ class TileIndex:
             return low
         best = lb[:, refs].astype(np.float64)
         alive = best < limit
-        for level, left in enumerate(finer, start=1):
+        for level in range(1, len(self.sizes)):
+            rows = np.flatnonzero(alive.any(axis=1))  # variants with a live pair
+            left = part.left(level, slice(j, j + 1), rows)[0]
             lbj = (left @ self.right[level][:, n0 + refs]).astype(np.float64)
-            np.maximum(best, lbj, out=best)
+            best[rows] = np.maximum(best[rows], lbj)
             alive &= best < limit
             keep = alive.any(axis=0)
             if not keep.all():
