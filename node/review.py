@@ -188,9 +188,12 @@ def render_review(
         f"<img class='grid' alt='grid of synthetic images' width='{display_width}' "
         f"src='data:image/png;base64,{grid}'>"
     )
+    guard = predicate.get("guard")
+    kinds = guard.get("distance_kind", {}) if isinstance(guard, Mapping) else {}
     parts.append("<h2>Distance to the closest real slice</h2><p>Each image's distance under "
                  "every guard metric; the red line is the threshold. Nothing may lie left of "
-                 "it.</p>")
+                 "it. A metric marked <em>lower bound</em> carries a proven lower bound on the "
+                 "distance (its search stops at the threshold), not the distance itself.</p>")
     rows = ["<table><tr><th>metric</th><th>threshold</th><th>min</th><th>5 %</th>"
             "<th>median</th><th>95 %</th><th>status</th></tr>"]
     svgs = []
@@ -199,8 +202,9 @@ def render_review(
         st = distance_stats(values)
         ok = values.size and st["min"] >= threshold
         status = "<span class='ok'>all above</span>" if ok else "<span class='bad'>BELOW</span>"
+        label = f"{metric} (lower bound)" if kinds.get(metric) == "lower_bound" else metric
         rows.append(
-            f"<tr><td>{esc(metric)}</td><td>{threshold:.4g}</td><td>{st['min']:.4g}</td>"
+            f"<tr><td>{esc(label)}</td><td>{threshold:.4g}</td><td>{st['min']:.4g}</td>"
             f"<td>{st['q05']:.4g}</td><td>{st['median']:.4g}</td><td>{st['q95']:.4g}</td>"
             f"<td>{status}</td></tr>"
         )

@@ -57,6 +57,12 @@ def test_generate_and_screen_accepts_the_count_far_from_every_real_slice(home: N
     assert (report["copying_warning"] is None) == (report["acceptance_rate"] >= 0.5)
     assert set(report["canary_catch_rates"]) >= {"exact", "shift", "mirror", "intensity"}
     assert "counts" not in json.dumps(report["privacy"])  # per-patient counts stay local
+    # The shift metric is decided at its threshold: lower bounds, kept out of the privacy
+    # report (computed on exact distances only); the other metrics are exact.
+    assert report["distance_kind"]["shift_flip"] == "lower_bound"
+    assert {k for k, v in report["distance_kind"].items() if v == "exact"} == (
+        set(report["thresholds"]) - {"shift_flip"})
+    assert set(report["privacy"]) == set(report["thresholds"]) - {"shift_flip"}
     assert run.run_dir is not None
     local = json.loads((run.run_dir / "report.json").read_text())
     assert "patient_exposure_counts" in local
