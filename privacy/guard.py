@@ -24,7 +24,7 @@ import numpy as np
 
 from privacy.errors import GuardError
 from privacy.metrics import Metric, check_images
-from privacy.search import ExactIndex, Nearest, index_layout
+from privacy.search import DENSE_ENTRIES, ExactIndex, Nearest, index_layout
 from privacy.tiles import TileIndex, tile_sizes
 
 __all__ = ["Guard", "Screening", "metric_nearest"]
@@ -138,6 +138,11 @@ class Guard:
             if m.feature_space not in self.indexes:
                 feats = m.reference_features(ref)
                 layout = index_layout(m.n_variants(), n_components)
+                if m.n_variants() == 1 and feats.size <= DENSE_ENTRIES:
+                    # A small reference: one GEMM per batch beats any projection, and there is
+                    # nothing to build or keep.
+                    self.indexes[m.feature_space] = ExactIndex.dense(feats)
+                    continue
                 if index_factory is not None:
                     index = index_factory(m.feature_space, feats, layout)
                 else:

@@ -101,6 +101,7 @@ __all__ = [
     "Fetch",
     "refine_pairs",
     "gemm_interval",
+    "DENSE_ENTRIES",
     "evaluate_query_pairs",
 ]
 
@@ -110,7 +111,8 @@ MAX_DIM = 1 << 21
 MAX_COMPONENTS = 512
 MAX_BLOCKS = 512
 _EXACT_ROWS = 2048
-_DENSE_ENTRIES = 1 << 26  # one-variant queries go dense below this many reference entries
+DENSE_ENTRIES = 1 << 26  # one-variant queries go dense up to this many reference entries
+_DENSE_ENTRIES = DENSE_ENTRIES
 _SEED_REFS = 8
 _U32 = 2.0**-24  # unit roundoff of float32
 _U64 = 2.0**-53  # unit roundoff of float64
@@ -319,12 +321,39 @@ class ExactIndex:
             aug[start:stop], norms[start:stop] = self._augment(feats[start:stop])
         self._set_projection(aug, norms.astype(np.float32))
 
+    @classmethod
+    def dense(cls, features: np.ndarray) -> ExactIndex:
+        """An index without projection: every query by the dense path (one float32 GEMM with
+        proven intervals, then float64), the fastest exact search for a small reference.
+        Refused above ``2^26`` reference entries, where it would hold too much at once."""
+        feats = as_feature_matrix(features, "reference")
+        if feats.shape[0] == 0:
+            raise GuardError("the reference is empty", "reference", 2)
+        if feats.size > _DENSE_ENTRIES:
+            raise GuardError(f"{feats.shape} is too large for a dense index", "reference", 2)
+        self = cls.__new__(cls)
+        self.features, (self.n, self.dim) = feats, feats.shape
+        self.bases = []
+        self.dense_only = True
+        self.chunk_rows = 8192
+        self.sq_norms = np.empty(self.n, dtype=np.float64)
+        for start in range(0, self.n, 256):  # small blocks stay in cache
+            block = feats[start : start + 256].astype(np.float64)
+            self.sq_norms[start : start + 256] = np.einsum("ij,ij->i", block, block)
+        self._features32 = None
+        return self
+
+    #: Built by :meth:`dense`: no projection, every query by the dense path.
+    dense_only = False
+
     def state(self) -> dict[str, np.ndarray]:
         """The costly part of building the index, for a cache kept by the caller.
 
         :meth:`from_state` rebuilds the index from the same features and this state without
         projecting the reference again.
         """
+        if self.dense_only:
+            raise GuardError("a dense index has no projection to keep", "reference", 1)
         return {
             "version": np.array(SEARCH_VERSION),
             "shape": np.array([self.n, self.dim]),
@@ -435,8 +464,8 @@ class ExactIndex:
             )
         q, t, _ = var.shape
         k = max(1, min(k, self.n))
-        if t == 1 and self.n * self.dim <= _DENSE_ENTRIES:
-            return self._dense(var[:, 0, :], k)
+        if self.dense_only or (t == 1 and self.n * self.dim <= _DENSE_ENTRIES):
+            return self._dense(var, k)
         flat = var.reshape(q * t, self.dim)
         aug_v = np.empty((q * t, self.aug.shape[1]), dtype=np.float32)
         norm_v = np.empty(q * t, dtype=np.float64)
@@ -486,28 +515,34 @@ class ExactIndex:
             sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated
         )
 
-    def _dense(self, flat: np.ndarray, k: int) -> Nearest:
-        """One variant per query against a small reference: every pair by one float32 GEMM
-        with its proven interval (:func:`gemm_interval`), then exact float64 distances for the
-        pairs whose interval reaches down to the k-th smallest upper end of their query."""
+    def _dense(self, var: np.ndarray, k: int) -> Nearest:
+        """Every (variant, reference) pair by one float32 GEMM with its proven interval
+        (:func:`gemm_interval`), then exact float64 distances for the pairs whose interval
+        reaches down to their query's k-th smallest upper end over distinct references (the
+        true k-th best distance lies at or below it)."""
         if self._features32 is None:
             self._features32 = np.asarray(self.features, dtype=np.float32)
-        q = flat.shape[0]
+        q, t, _ = var.shape
+        flat = var.reshape(q * t, self.dim)
         vsq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
         top = TopK(q, k)
         evaluated = np.zeros(q, dtype=np.int64)
-        step = max(1, (1 << 22) // self.n)
+        step = max(1, (1 << 22) // (self.n * t))
         for q0 in range(0, q, step):
             q1 = min(q, q0 + step)
-            dots = np.asarray(flat[q0:q1], dtype=np.float32) @ self._features32.T
-            lo, hi = gemm_interval(dots, vsq[q0:q1], self.sq_norms, self.dim)
-            upper = np.partition(hi, k - 1, axis=1)[:, k - 1]  # >= the true k-th best
-            cq, cr = np.nonzero(lo <= upper[:, None])
+            rows = slice(q0 * t, q1 * t)
+            dots = np.asarray(flat[rows], dtype=np.float32) @ self._features32.T
+            lo, hi = gemm_interval(dots, vsq[rows], self.sq_norms, self.dim)
+            lo3 = lo.reshape(q1 - q0, t, self.n)
+            per_ref = hi.reshape(q1 - q0, t, self.n).min(axis=1)
+            upper = np.partition(per_ref, k - 1, axis=1)[:, k - 1]
+            cq, ct, cr = np.nonzero(lo3 <= upper[:, None, None])
             sq = np.empty(cq.size)
             for start in range(0, cq.size, _EXACT_ROWS):
                 sl = slice(start, start + _EXACT_ROWS)
-                sq[sl] = exact_pair_sq_distances(flat, cq[sl] + q0, self.features, cr[sl])
-            top.merge(cq + q0, cr, np.zeros(cq.size, dtype=np.int64), sq)
+                sq[sl] = exact_pair_sq_distances(flat, (cq[sl] + q0) * t + ct[sl],
+                                                 self.features, cr[sl])
+            top.merge(cq + q0, cr, ct, sq)
             evaluated[q0:q1] += np.bincount(cq, minlength=q1 - q0)
         return Nearest(sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated)
 

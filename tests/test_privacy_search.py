@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from privacy import search
+from privacy.errors import GuardError
 from privacy.guard import Guard
 from privacy.metrics import PixelRMSE, ShiftFlipDistance
 from privacy.search import (
@@ -237,3 +238,18 @@ def test_a_damaged_index_state_is_refused(damage: str) -> None:
         state["aug"][0, 0] = np.nan
     with pytest.raises(GuardError, match="cached search index refused"):
         ExactIndex.from_state(ref, state)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_dense_index_equals_brute_force_for_any_number_of_variants(problem) -> None:  # type: ignore[no-untyped-def]
+    ref, var, k, *_ = problem
+    index = ExactIndex.dense(ref)
+    _assert_same(index.nearest(var, k=k), brute_force_nearest(var, ref, k=k))
+    with pytest.raises(GuardError, match="no projection"):
+        index.state()
+
+
+def test_dense_index_refuses_a_large_reference() -> None:
+    with patch.object(search, "_DENSE_ENTRIES", 10), pytest.raises(GuardError, match="too large"):
+        ExactIndex.dense(np.zeros((3, 4), dtype=np.float32))
