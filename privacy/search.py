@@ -475,6 +475,10 @@ class ExactIndex:
         aug_v_sq = np.sum(aug_v.astype(np.float64) ** 2, axis=1).astype(np.float32)
         var_sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64).reshape(q, t)
         norm_v32 = norm_v.astype(np.float32)
+
+        def fetch(qi: int, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return var[qi, ts], var_sq[qi, ts]
+
         top = TopK(q, k)
         evaluated = np.zeros(q, dtype=np.int64)
         n_chunk = int(min(self.n, max(1024, block_entries // t)))
@@ -510,7 +514,8 @@ class ExactIndex:
                 vals = lb3[cq, ct, cr].astype(np.float64)
                 keep = vals < bound[cq]  # exact filter (the float32 bound was rounded up)
                 cq, ct, cr, vals = cq[keep], ct[keep], cr[keep], vals[keep]
-                self._refine(var, var_sq, top, evaluated, cq + q0, ct, cr + n0, vals)
+                refine_pairs(self.features, self.sq_norms, fetch, top, evaluated,
+                             cq + q0, ct, cr + n0, vals)
         return Nearest(
             sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated
         )
@@ -545,24 +550,6 @@ class ExactIndex:
             top.merge(cq + q0, cr, ct, sq)
             evaluated[q0:q1] += np.bincount(cq, minlength=q1 - q0)
         return Nearest(sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated)
-
-    def _refine(
-        self,
-        var: np.ndarray,
-        var_sq: np.ndarray,
-        top: TopK,
-        evaluated: np.ndarray,
-        cq: np.ndarray,
-        ct: np.ndarray,
-        cr: np.ndarray,
-        lb: np.ndarray,
-    ) -> None:
-        """Exact k-best update from the candidate pairs ``(cq, ct, cr)`` of one chunk."""
-
-        def fetch(qi: int, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return var[qi, ts], var_sq[qi, ts]
-
-        refine_pairs(self.features, self.sq_norms, fetch, top, evaluated, cq, ct, cr, lb)
 
     def _evaluate(
         self,
