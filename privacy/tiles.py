@@ -277,7 +277,7 @@ class TileIndex:
         windows: Windows,
         k: int = 1,
         cap_sq: float = math.inf,
-        block_entries: int = 1 << 19,
+        block_entries: int = 1 << 21,
     ) -> Nearest:
         """Exact k nearest distinct references of each query (minimum over its variants).
 

@@ -179,3 +179,20 @@ def test_guard_decides_the_shift_metric_with_bounds_at_or_above_the_threshold() 
     assert np.all(screening.nearest_row["shift_flip"][~below] == -1)
     # The uncapped search of the same guard gives the exact distances.
     np.testing.assert_array_equal(guard.nearest(metric, cand, k=2).sq, truth.sq)
+
+
+@pytest.mark.parametrize("cap", [math.inf, 0.5])
+def test_tile_search_over_several_reference_chunks_equals_brute_force(cap: float) -> None:
+    # More than 1,024 references with a small block budget: the search runs chunk by chunk,
+    # carrying each query's k best (and its limit) from one chunk to the next.
+    rng = np.random.default_rng(21)
+    ref = np.kron(rng.random((2600, 2, 2)), np.ones((1, 4, 4))).astype(np.float32)
+    cand = (ref[rng.integers(0, 2600, 5)] + rng.normal(0, 0.05, (5, 8, 8))).astype(np.float32)
+    metric = ShiftFlipDistance(1)
+    feats = metric.reference_features(ref)
+    windows = metric.windows(cand)
+    index = TileIndex(feats, windows.shape)
+    got = index.nearest(windows, k=2, cap_sq=cap, block_entries=1 << 10)
+    want = brute_force_nearest(windows.variants(), feats, k=2)
+    np.testing.assert_array_equal(got.sq, np.where(want.sq < cap, want.sq, np.inf))
+    assert np.all(got.floor_sq <= want.sq[:, 0])
