@@ -284,7 +284,7 @@ class TileIndex:
         With a finite ``cap_sq`` only references at squared distance below it are searched
         for: rows of ``sq`` at or above the cap are reported as ``inf`` (index -1), and
         ``floor_sq`` holds, for every query, a proven lower bound on its nearest squared
-        distance (the exact value where that is below the cap; at or above the cap otherwise).
+        distance: at or above the cap whenever no reference is closer than the cap.
         """
         if tuple(windows.shape) != self.shape:
             raise GuardError(
