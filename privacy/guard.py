@@ -43,20 +43,7 @@ def metric_nearest(
         index.nearest(metric.query_variants(arr[start : start + block]), k=k)
         for start in range(0, arr.shape[0], block)
     ]
-    if not parts:
-        kk = max(1, min(k, index.n))
-        return Nearest(
-            sq=np.zeros((0, kk)),
-            index=np.zeros((0, kk), dtype=np.int64),
-            variant=np.zeros(0, dtype=np.int64),
-            evaluated=np.zeros(0, dtype=np.int64),
-        )
-    return Nearest(
-        sq=np.concatenate([p.sq for p in parts]),
-        index=np.concatenate([p.index for p in parts]),
-        variant=np.concatenate([p.variant for p in parts]),
-        evaluated=np.concatenate([p.evaluated for p in parts]),
-    )
+    return Nearest.concat(parts, max(1, min(k, index.n)))
 
 
 @dataclass
@@ -179,16 +166,7 @@ class Guard:
             windows = metric.windows(arr[start : start + 64])
             assert windows is not None
             parts.append(index.nearest(windows, k=2, cap_sq=cap_sq))
-        if not parts:
-            return Nearest(np.zeros((0, 2)), np.zeros((0, 2), dtype=np.int64),
-                           np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
-        return Nearest(
-            sq=np.concatenate([p.sq for p in parts]),
-            index=np.concatenate([p.index for p in parts]),
-            variant=np.concatenate([p.variant for p in parts]),
-            evaluated=np.concatenate([p.evaluated for p in parts]),
-            floor_sq=np.concatenate([p.floor_sq for p in parts]),
-        )
+        return Nearest.concat(parts, 2)
 
     def screen(self, images: np.ndarray) -> Screening:
         arr = check_images(images, "candidates")

@@ -99,9 +99,9 @@ __all__ = [
     "as_feature_matrix",
     "TopK",
     "Fetch",
-    "refine_pairs",
     "gemm_interval",
     "DENSE_ENTRIES",
+    "exact_sq_norms",
     "evaluate_query_pairs",
 ]
 
@@ -112,7 +112,6 @@ MAX_COMPONENTS = 512
 MAX_BLOCKS = 512
 _EXACT_ROWS = 2048
 DENSE_ENTRIES = 1 << 26  # one-variant queries go dense up to this many reference entries
-_DENSE_ENTRIES = DENSE_ENTRIES
 _SEED_REFS = 8
 _U32 = 2.0**-24  # unit roundoff of float32
 _U64 = 2.0**-53  # unit roundoff of float64
@@ -122,6 +121,15 @@ def exact_sq_distances(v: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Exact squared distances from one vector to each row (float64, each row on its own)."""
     diff = np.asarray(rows, dtype=np.float64) - np.asarray(v, dtype=np.float64)[None, :]
     out: np.ndarray = np.sum(diff * diff, axis=1)
+    return out
+
+
+def exact_sq_norms(rows: np.ndarray) -> np.ndarray:
+    """Exact float64 squared norms of the rows (blocks of 256 rows stay in cache)."""
+    out = np.empty(rows.shape[0], dtype=np.float64)
+    for start in range(0, rows.shape[0], 256):
+        block = np.asarray(rows[start : start + 256], dtype=np.float64)
+        out[start : start + 256] = np.einsum("ij,ij->i", block, block)
     return out
 
 
@@ -159,6 +167,21 @@ class Nearest:
     def distances(self, scale: float = 1.0) -> np.ndarray:
         out: np.ndarray = np.sqrt(self.sq) * scale
         return out
+
+    @classmethod
+    def concat(cls, parts: list[Nearest], k: int) -> Nearest:
+        """The results of consecutive blocks of queries as one (k columns when empty)."""
+        if not parts:
+            return cls(sq=np.zeros((0, k)), index=np.zeros((0, k), dtype=np.int64),
+                       variant=np.zeros(0, dtype=np.int64),
+                       evaluated=np.zeros(0, dtype=np.int64), floor_sq=np.zeros(0))
+        return cls(
+            sq=np.concatenate([p.sq for p in parts]),
+            index=np.concatenate([p.index for p in parts]),
+            variant=np.concatenate([p.variant for p in parts]),
+            evaluated=np.concatenate([p.evaluated for p in parts]),
+            floor_sq=np.concatenate([p.floor_sq for p in parts]),
+        )
 
 
 def as_feature_matrix(features: np.ndarray, where: str) -> np.ndarray:
@@ -329,17 +352,14 @@ class ExactIndex:
         feats = as_feature_matrix(features, "reference")
         if feats.shape[0] == 0:
             raise GuardError("the reference is empty", "reference", 2)
-        if feats.size > _DENSE_ENTRIES:
+        if feats.size > DENSE_ENTRIES:
             raise GuardError(f"{feats.shape} is too large for a dense index", "reference", 2)
         self = cls.__new__(cls)
         self.features, (self.n, self.dim) = feats, feats.shape
         self.bases = []
         self.dense_only = True
         self.chunk_rows = 8192
-        self.sq_norms = np.empty(self.n, dtype=np.float64)
-        for start in range(0, self.n, 256):  # small blocks stay in cache
-            block = feats[start : start + 256].astype(np.float64)
-            self.sq_norms[start : start + 256] = np.einsum("ij,ij->i", block, block)
+        self.sq_norms = exact_sq_norms(feats)
         self._features32 = None
         return self
 
@@ -425,10 +445,7 @@ class ExactIndex:
         self.aug, self.norms = aug, norms
         self._features32: np.ndarray | None = None
         self.aug_sq = np.sum(aug.astype(np.float64) ** 2, axis=1).astype(np.float32)
-        self.sq_norms = np.empty(self.n, dtype=np.float64)  # exact |r|^2 of the stored rows
-        for start in range(0, self.n, 256):  # small blocks stay in cache
-            block = self.features[start : start + 256].astype(np.float64)
-            self.sq_norms[start : start + 256] = np.einsum("ij,ij->i", block, block)
+        self.sq_norms = exact_sq_norms(self.features)  # exact |r|^2 of the stored rows
 
     @property
     def n_components(self) -> int:
@@ -464,7 +481,7 @@ class ExactIndex:
             )
         q, t, _ = var.shape
         k = max(1, min(k, self.n))
-        if self.dense_only or (t == 1 and self.n * self.dim <= _DENSE_ENTRIES):
+        if self.dense_only or (t == 1 and self.n * self.dim <= DENSE_ENTRIES):
             return self._dense(var, k)
         flat = var.reshape(q * t, self.dim)
         aug_v = np.empty((q * t, self.aug.shape[1]), dtype=np.float32)
@@ -514,7 +531,7 @@ class ExactIndex:
                 vals = lb3[cq, ct, cr].astype(np.float64)
                 keep = vals < bound[cq]  # exact filter (the float32 bound was rounded up)
                 cq, ct, cr, vals = cq[keep], ct[keep], cr[keep], vals[keep]
-                refine_pairs(self.features, self.sq_norms, fetch, top, evaluated,
+                _refine_pairs(self.features, self.sq_norms, fetch, top, evaluated,
                              cq + q0, ct, cr + n0, vals)
         return Nearest(
             sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated
@@ -592,7 +609,7 @@ def gemm_interval(
     return approx - err, approx + err
 
 
-def refine_pairs(
+def _refine_pairs(
     features: np.ndarray,
     sq_norms: np.ndarray,
     fetch: Fetch,
@@ -602,22 +619,20 @@ def refine_pairs(
     ct: np.ndarray,
     cr: np.ndarray,
     lb: np.ndarray,
-    cap: float = np.inf,
 ) -> None:
     """Exact k-best update of ``top`` from the candidate pairs ``(cq, ct, cr)``.
 
     ``fetch(query, variants)`` returns those variants of one query exactly as stored
     ([len, F], float16/32/64) and their exact float64 squared norms; ``features`` are the
     reference rows and ``sq_norms`` their exact float64 squared norms. ``lb``: each pair's safe
-    lower bound on its squared distance. ``cap``: pairs proven at or above it are skipped as
-    well (a search only for references closer than ``cap``).
+    lower bound on its squared distance.
 
     Per query, candidates are taken in waves of increasing bound; one float32 GEMM per wave
     gives each pair's distance to within a proven interval (module docstring, "The float32
     filter") and tightens an upper bound on the k-th best distance, which drops later
     candidates whose lower bound is above it. At the end only pairs whose interval reaches down
     to that upper bound are evaluated exactly (float64); every other pair is proven not among
-    the k best (or not below ``cap``).
+    the k best.
     """
     if cq.size == 0:
         return
@@ -629,7 +644,7 @@ def refine_pairs(
         qi = int(cq[a])
         qt, qr, qlb = ct[a:b], cr[a:b], lb[a:b]
         in_top = top.index[qi]
-        limit = min(float(top.sq[qi, top.k - 1]), cap)
+        limit = float(top.sq[qi, top.k - 1])
         ref_ids = np.zeros(0, dtype=np.int64)  # references seen, with their best upper end
         ref_hi = np.zeros(0)
         pend_t, pend_r, pend_lo = [], [], []

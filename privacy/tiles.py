@@ -54,10 +54,11 @@ tests compare every result with brute force (``tests/test_privacy_tiles.py``).
 (variant, reference) pair; the limit ``U`` is the query's current k-th best exact distance
 (seeded, when no cap is given, by exact distances of the few references of smallest bound),
 or the ``cap``. Finer levels run only on references with a surviving pair; what survives the
-finest level goes to :func:`privacy.search.refine_pairs` (float32 filter, then exact float64
-distances, the formula brute force uses). With ``cap``, the search answers "the k nearest
-references closer than ``cap``": references at or beyond it are proven so and reported as
-``inf`` / ``-1``, which is all a threshold decision needs and prunes far more.
+finest level gets its proven float32 GEMM interval (:func:`privacy.search.gemm_interval`), and
+the pairs it cannot decide their exact float64 distances (the formula brute force uses).
+With ``cap``, the search answers "the k nearest references closer than ``cap``": references
+at or beyond it are proven so and reported as ``inf`` / ``-1``, which is all a threshold
+decision needs and prunes far more.
 
 What this module must never do: skip a pair without a proven bound, or read files.
 """
@@ -77,6 +78,7 @@ from privacy.search import (
     TopK,
     as_feature_matrix,
     evaluate_query_pairs,
+    exact_sq_norms,
     gemm_interval,
 )
 
@@ -259,15 +261,13 @@ class TileIndex:
                 raise GuardError(f"tile side {b} does not fit a {h}x{w} window", "reference", 2)
         self.features, self.n, self.dim, self.shape = feats, n, f, (h, w)
         self.chunk_rows = chunk_rows
-        self.sq_norms = np.empty(n, dtype=np.float64)
+        self.sq_norms = exact_sq_norms(feats)
         self.right: list[np.ndarray] = [
             np.empty((2 * (h // b) * (w // b) + 3, n), dtype=np.float32) for b in self.sizes
         ]
         zero = np.zeros((1, 3), dtype=np.int64)
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
-            block = feats[start:stop].astype(np.float64)
-            self.sq_norms[start:stop] = np.einsum("ij,ij->i", block, block)
             win = Windows(feats[start:stop].reshape(stop - start, 1, h, w), zero, (h, w))
             for level, (a, delta) in enumerate(tile_statistics(win, self.sizes)):
                 self.right[level][:, start:stop] = _right(a[:, 0], delta[:, 0])

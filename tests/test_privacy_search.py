@@ -66,7 +66,7 @@ def test_pruned_search_equals_brute_force_on_random_data(problem) -> None:  # ty
     # One-variant queries against a small reference take the dense GEMM path; with it
     # switched off they take the pruned path that large references use. Both must be exact.
     for dense in (True, False):
-        with patch.object(search, "_DENSE_ENTRIES", search._DENSE_ENTRIES if dense else -1):
+        with patch.object(search, "DENSE_ENTRIES", search.DENSE_ENTRIES if dense else -1):
             got = index.nearest(var, k=k, block_entries=1 << 10)
         _assert_same(got, want)
         # Every accept / reject decision at any threshold equals brute force's.
@@ -251,5 +251,5 @@ def test_dense_index_equals_brute_force_for_any_number_of_variants(problem) -> N
 
 
 def test_dense_index_refuses_a_large_reference() -> None:
-    with patch.object(search, "_DENSE_ENTRIES", 10), pytest.raises(GuardError, match="too large"):
+    with patch.object(search, "DENSE_ENTRIES", 10), pytest.raises(GuardError, match="too large"):
         ExactIndex.dense(np.zeros((3, 4), dtype=np.float32))
