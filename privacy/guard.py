@@ -91,9 +91,13 @@ class Guard:
         n_components: int = 256,
         seed: int = 0,
         index_factory: Callable[[str, np.ndarray, dict[str, Any]], ExactIndex] | None = None,
+        features_factory: Callable[[Metric, np.ndarray], np.ndarray] | None = None,
     ) -> None:
         """``index_factory(feature_space, features, layout)``, when given, supplies each exact
-        index (a cache of them, say); it must return an index of exactly those features."""
+        index (a cache of them, say); it must return an index of exactly those features.
+        ``features_factory(metric, reference)``, when given, supplies each metric's reference
+        features (a cache of :attr:`Metric.costly_features` ones, say); it must return exactly
+        ``metric.reference_features(reference)``."""
         if not metrics:
             raise GuardError("the guard needs at least one metric", "guard.metrics", 2)
         names = [m.name for m in metrics]
@@ -114,16 +118,23 @@ class Guard:
         self.n_reference = int(ref.shape[0])
         self.indexes: dict[str, ExactIndex] = {}
         self.tile_indexes: dict[str, TileIndex] = {}
+
+        def features(m: Metric) -> np.ndarray:
+            if features_factory is None:
+                return m.reference_features(ref)
+            feats = np.asarray(features_factory(m, ref))
+            if feats.ndim != 2 or feats.shape[0] != ref.shape[0]:
+                raise GuardError(f"features of {m.name} do not match the reference", "guard", 1)
+            return feats
+
         for m in self.metrics:
             windows = m.windows(ref[:1]) if m.n_variants() > 1 else None
             if windows is not None and tile_sizes(*windows.shape):
                 if m.feature_space not in self.tile_indexes:
-                    self.tile_indexes[m.feature_space] = TileIndex(
-                        m.reference_features(ref), windows.shape
-                    )
+                    self.tile_indexes[m.feature_space] = TileIndex(features(m), windows.shape)
                 continue
             if m.feature_space not in self.indexes:
-                feats = m.reference_features(ref)
+                feats = features(m)
                 layout = index_layout(m.n_variants(), n_components)
                 if m.n_variants() == 1 and feats.size <= DENSE_ENTRIES:
                     # A small reference: one GEMM per batch beats any projection, and there is

@@ -33,6 +33,7 @@ What this module must never do: read files or know where the reference comes fro
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -70,14 +71,43 @@ def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
     return arr
 
 
-def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
-    """[N, H, W] rotated about the centre: bilinear, edge values outside (scipy.ndimage)."""
+@functools.lru_cache(maxsize=32)
+def _rotation_table(h: int, w: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """Flat source indices [4, h * w] and float32 weights [4, h * w] of scipy.ndimage.rotate
+    (``axes=(2, 1)``, ``reshape=False``, ``order=1``, ``mode="nearest"``) on an ``h x w`` grid.
+
+    Bilinear interpolation reproduces a linear function exactly, so rotating the row and the
+    column coordinate images with scipy itself gives the (edge-clamped) point each output pixel
+    samples; the four neighbours and weights follow from it.
+    """
     from scipy import ndimage
 
-    out: np.ndarray = ndimage.rotate(
-        images, degrees, axes=(2, 1), reshape=False, order=1, mode="nearest"
-    ).astype(np.float32)
-    return out
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
+                             indexing="ij")
+    coords = ndimage.rotate(np.stack([rows, cols]), degrees, axes=(2, 1), reshape=False,
+                            order=1, mode="nearest")
+    y = np.clip(coords[0], 0.0, h - 1.0).ravel()
+    x = np.clip(coords[1], 0.0, w - 1.0).ravel()
+    y0 = np.minimum(np.floor(y), h - 2).astype(np.int64) if h > 1 else np.zeros(y.size, np.int64)
+    x0 = np.minimum(np.floor(x), w - 2).astype(np.int64) if w > 1 else np.zeros(x.size, np.int64)
+    fy, fx = y - y0, x - x0
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    index = np.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1])
+    weight = np.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx])
+    return index, weight.astype(np.float32)
+
+
+def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
+    """[N, H, W] float32 rotated about the centre: bilinear, edge values outside (the
+    interpolation of scipy.ndimage.rotate, from a table kept per grid and angle)."""
+    arr = np.asarray(images, dtype=np.float32)
+    n, h, w = arr.shape
+    index, weight = _rotation_table(h, w, float(degrees))
+    flat = arr.reshape(n, h * w)
+    out = flat[:, index[0]] * weight[0]
+    for j in range(1, 4):
+        out += flat[:, index[j]] * weight[j]
+    return out.reshape(n, h, w)
 
 
 @dataclass(frozen=True)
@@ -117,6 +147,9 @@ class Metric(ABC):
     name: str = ""
     #: Metrics with the same feature space share one reference index.
     feature_space: str = "pixels"
+    #: Whether reference features cost enough to be worth keeping between runs (a network's
+    #: output, say); :meth:`describe` must then name everything the features depend on.
+    costly_features: bool = False
 
     @abstractmethod
     def scale(self, image_shape: tuple[int, int]) -> float:
@@ -317,6 +350,11 @@ class EmbeddingDistance(Metric):
 
     def scale(self, image_shape: tuple[int, int]) -> float:
         return 1.0
+
+    @property  # type: ignore[override]
+    def costly_features(self) -> bool:
+        """Worth keeping only when :meth:`describe` names the encoder's weights."""
+        return bool(self.info.get("encoder_sha256"))
 
     def _embed(self, images: np.ndarray) -> np.ndarray:
         arr = check_images(images)

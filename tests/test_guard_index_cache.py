@@ -1,4 +1,4 @@
-"""node.guard.calibration.cached_index: a kept search index serves identical features only."""
+"""node.guard.calibration.cached_index / cached_features: kept files serve identical inputs only."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.guard.calibration import cached_index
+from node.guard.calibration import cached_features, cached_index
+from privacy.metrics import EmbeddingDistance, PixelRMSE
 from privacy.search import ExactIndex, brute_force_nearest
 from protocols.files import sha256_hex
 
@@ -74,3 +75,74 @@ def test_a_damaged_cache_file_is_rebuilt_not_used(tmp_path: Path, damage: str) -
     np.testing.assert_array_equal(
         again.nearest(var, k=2).sq, brute_force_nearest(var, ref, k=2).sq
     )
+
+
+# ---- cached_features: the embedding's reference features, kept between runs ----------------
+
+
+def _counting_embedding(sha: str | None) -> tuple[EmbeddingDistance, list[int]]:
+    calls: list[int] = []
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        calls.append(images.shape[0])
+        flat = images.reshape(images.shape[0], -1)
+        return np.stack([flat.mean(axis=1), flat.std(axis=1) + 1.0], axis=1)
+
+    return EmbeddingDistance(embed, {"encoder_sha256": sha}), calls
+
+
+def test_embedding_features_are_kept_and_reused(tmp_path: Path) -> None:
+    images = np.random.default_rng(3).random((40, 16, 16)).astype(np.float32)
+    metric, calls = _counting_embedding("a" * 64)
+    first = cached_features(tmp_path, "digest-1", metric, images)
+    assert calls == [40]
+    second = cached_features(tmp_path, "digest-1", metric, images)
+    assert calls == [40]  # loaded, not recomputed
+    np.testing.assert_array_equal(second, first)
+    np.testing.assert_array_equal(second, metric.reference_features(images))
+    assert len(list(tmp_path.glob("features-embedding-*.npy"))) == 1
+
+
+@pytest.mark.parametrize("change", ["reference", "encoder"])
+def test_other_reference_or_encoder_never_reuses_features(tmp_path: Path, change: str) -> None:
+    images = np.random.default_rng(4).random((30, 16, 16)).astype(np.float32)
+    metric, _ = _counting_embedding("a" * 64)
+    cached_features(tmp_path, "digest-1", metric, images)
+    other_images = images[::-1].copy()
+    if change == "reference":
+        other, calls = _counting_embedding("a" * 64)
+        got = cached_features(tmp_path, "digest-2", other, other_images)
+    else:
+        other, calls = _counting_embedding("b" * 64)
+        got = cached_features(tmp_path, "digest-1", other, other_images)
+    assert calls == [30]
+    np.testing.assert_array_equal(got, other.reference_features(other_images))
+    assert len(list(tmp_path.glob("features-embedding-*.npy"))) == 1  # the stale one removed
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "sidecar"])
+def test_damaged_kept_features_are_recomputed(tmp_path: Path, damage: str) -> None:
+    images = np.random.default_rng(5).random((20, 16, 16)).astype(np.float32)
+    metric, calls = _counting_embedding("c" * 64)
+    good = cached_features(tmp_path, "d", metric, images)
+    (path,) = tmp_path.glob("features-*.npy")
+    if damage == "flip a byte":
+        blob = bytearray(path.read_bytes())
+        blob[-3] ^= 0xFF
+        path.write_bytes(bytes(blob))
+    else:
+        path.with_suffix(".sha256").write_text("0" * 64 + "\n")
+    again = cached_features(tmp_path, "d", metric, images)
+    assert calls == [20, 20]
+    np.testing.assert_array_equal(again, good)
+
+
+def test_cheap_features_and_unnamed_encoders_are_never_written(tmp_path: Path) -> None:
+    images = np.random.default_rng(6).random((10, 16, 16)).astype(np.float32)
+    anonymous, calls = _counting_embedding(None)  # no weights digest: nothing to key on
+    for metric in (PixelRMSE(), anonymous):
+        assert not metric.costly_features
+        got = cached_features(tmp_path, "d", metric, images)
+        np.testing.assert_array_equal(got, metric.reference_features(images))
+    assert calls == [10, 10]  # computed, then once more for the comparison
+    assert list(tmp_path.iterdir()) == []

@@ -119,3 +119,17 @@ def test_recontrasted_copy_is_at_distance_zero_under_contrast_rmse() -> None:
         assert PixelRMSE().distance(copy, real) > 0.01
     other = rng.uniform(0.0, 1.0, size=(1, 16, 16)).astype(np.float32)
     assert ContrastRMSE().distance(other, real) > 0.1
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (33, 20), (5, 7)])
+@pytest.mark.parametrize("degrees", [3.5, -3.5, 10.0, 45.0])
+def test_rotate_images_is_scipys_bilinear_rotation(shape: tuple[int, int], degrees: float) -> None:
+    from scipy import ndimage
+
+    from privacy.metrics import rotate_images
+
+    x = np.random.default_rng(7).random((3, *shape)).astype(np.float32) * 1000.0
+    want = ndimage.rotate(x, degrees, axes=(2, 1), reshape=False, order=1, mode="nearest")
+    got = rotate_images(x, degrees)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1000.0 * 4e-7)

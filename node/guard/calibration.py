@@ -43,7 +43,14 @@ from protocols.files import (
 )
 from protocols.typed import to_dict
 
-__all__ = ["GuardState", "prepare_guard", "build_metrics", "cached_index", "CALIBRATION_VERSION"]
+__all__ = [
+    "GuardState",
+    "prepare_guard",
+    "build_metrics",
+    "cached_index",
+    "cached_features",
+    "CALIBRATION_VERSION",
+]
 
 CALIBRATION_VERSION = 1
 
@@ -80,6 +87,11 @@ class GuardState:
                     None
                     if self.cache_dir is None
                     else partial(cached_index, self.cache_dir)
+                ),
+                features_factory=(
+                    None
+                    if self.cache_dir is None
+                    else partial(cached_features, self.cache_dir, self.reference.digest)
                 ),
             )
         return self._guards[modality]
@@ -192,6 +204,32 @@ def _encoder(
     return make_embedder(state, enc_cfg), meta
 
 
+def _kept_blob(path: Path) -> bytes | None:
+    """The bytes of a kept file whose ``.sha256`` sidecar matches them, else None."""
+    sidecar = path.with_suffix(".sha256")
+    if not (path.exists() and sidecar.exists()):
+        return None
+    blob = path.read_bytes()
+    if sha256_hex(blob) != sidecar.read_text(encoding="utf-8").strip():
+        return None
+    return blob
+
+
+def _keep(folder: Path, prefix: str, path: Path, blob: bytes) -> None:
+    """Write ``blob`` and its sidecar atomically; remove older files of ``prefix``."""
+    sidecar = path.with_suffix(".sha256")
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f"{prefix}-*"):
+        if old.name not in (path.name, sidecar.name):
+            old.unlink(missing_ok=True)
+    atomic_write_bytes(path, blob)
+    atomic_write_text(sidecar, sha256_hex(blob) + "\n")
+
+
+def _label(space: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", space)
+
+
 def cached_index(
     folder: Path, space: str, features: np.ndarray, layout: dict[str, Any]
 ) -> ExactIndex:
@@ -208,26 +246,53 @@ def cached_index(
     h.update(canonical_json({"version": SEARCH_VERSION, "layout": layout, "seed": 0,
                              "dtype": str(feats.dtype), "shape": list(feats.shape)}))
     h.update(feats.tobytes())
-    label = re.sub(r"[^A-Za-z0-9_]", "_", space)
-    path = folder / f"index-{label}-{h.hexdigest()[:32]}.npz"
-    sidecar = path.with_suffix(".sha256")
-    if path.exists() and sidecar.exists():
-        blob = path.read_bytes()
-        if sha256_hex(blob) == sidecar.read_text(encoding="utf-8").strip():
-            try:
-                with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-                    return ExactIndex.from_state(feats, {k: data[k] for k in data.files})
-            except (GuardError, KeyError, ValueError, OSError, zipfile.BadZipFile):
-                pass  # rebuilt below
+    prefix = f"index-{_label(space)}"
+    path = folder / f"{prefix}-{h.hexdigest()[:32]}.npz"
+    blob = _kept_blob(path)
+    if blob is not None:
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+                return ExactIndex.from_state(feats, {k: data[k] for k in data.files})
+        except (GuardError, KeyError, ValueError, OSError, zipfile.BadZipFile):
+            pass  # rebuilt below
     index = ExactIndex(feats, seed=0, **layout)
-    blob = _npz_bytes(index.state())
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob(f"index-{label}-*"):
-        if old.name not in (path.name, sidecar.name):
-            old.unlink(missing_ok=True)
-    atomic_write_bytes(path, blob)
-    atomic_write_text(sidecar, sha256_hex(blob) + "\n")
+    _keep(folder, prefix, path, _npz_bytes(index.state()))
     return index
+
+
+def cached_features(
+    folder: Path, reference_digest: str, metric: Metric, images: np.ndarray
+) -> np.ndarray:
+    """``metric.reference_features(images)``, kept in ``folder`` for costly metrics.
+
+    The embedding's features are a network's output over every real slice: a third of a second
+    per run at 3,000 slices. They are keyed by the reference digest (which slices, which
+    pixels), the metric's description (for the embedding: the encoder's weights sha256) and the
+    image shape; the kept file's own sha256 is checked, and its shape and finiteness, before use.
+    Other metrics' features are computed each time (slicing or scaling costs less than reading).
+    """
+    if not metric.costly_features:
+        return metric.reference_features(images)
+    key = sha256_hex(
+        canonical_json({"version": CALIBRATION_VERSION, "reference": reference_digest,
+                        "metric": metric.describe(), "space": metric.feature_space,
+                        "shape": list(images.shape)})
+    )
+    prefix = f"features-{_label(metric.feature_space)}"
+    path = folder / f"{prefix}-{key[:32]}.npy"
+    blob = _kept_blob(path)
+    if blob is not None:
+        try:
+            feats = np.load(io.BytesIO(blob), allow_pickle=False)
+            if feats.ndim == 2 and feats.shape[0] == images.shape[0] and np.isfinite(feats).all():
+                return feats
+        except (ValueError, OSError):
+            pass  # recomputed below
+    feats = np.asarray(metric.reference_features(images))
+    buffer = io.BytesIO()
+    np.save(buffer, feats, allow_pickle=False)
+    _keep(folder, prefix, path, buffer.getvalue())
+    return feats
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -245,7 +245,9 @@ def generate_and_screen(
     cap = int(max_tries) if max_tries is not None else math.ceil(settings.max_tries_factor * count)
     if cap < 1:
         raise GuardError("max_tries must be at least 1", "--max-tries", 2)
+    t0 = time.perf_counter()
     state = prepare_guard(paths, config, progress=progress)
+    prepare_s = time.perf_counter() - t0  # the guard's share of the run starts here
     if sampler is None:
         from node.generator.sampling import load_generator
 
@@ -273,7 +275,7 @@ def generate_and_screen(
     screened: list[Screening] = []
     canaries: CanaryResult | None = None
     tried = n_kept = batch_no = 0
-    sample_s = guard_s = 0.0
+    sample_s, guard_s = 0.0, prepare_s
     while n_kept < count and tried < cap:
         n = min(settings.batch_size, cap - tried)
         batch_seed = int(np.random.SeedSequence([seed, batch_no]).generate_state(1)[0] >> 1)
