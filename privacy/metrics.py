@@ -107,7 +107,8 @@ def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
     out = flat[:, index[0]] * weight[0]
     for j in range(1, 4):
         out += flat[:, index[j]] * weight[j]
-    return out.reshape(n, h, w)
+    result: np.ndarray = out.reshape(n, h, w)
+    return result
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,12 @@ class Metric(ABC):
     name: str = ""
     #: Metrics with the same feature space share one reference index.
     feature_space: str = "pixels"
-    #: Whether reference features cost enough to be worth keeping between runs (a network's
-    #: output, say); :meth:`describe` must then name everything the features depend on.
-    costly_features: bool = False
+
+    @property
+    def costly_features(self) -> bool:
+        """Whether reference features cost enough to be worth keeping between runs (a
+        network's output, say); :meth:`describe` must then name all they depend on."""
+        return False
 
     @abstractmethod
     def scale(self, image_shape: tuple[int, int]) -> float:
@@ -351,7 +355,7 @@ class EmbeddingDistance(Metric):
     def scale(self, image_shape: tuple[int, int]) -> float:
         return 1.0
 
-    @property  # type: ignore[override]
+    @property
     def costly_features(self) -> bool:
         """Worth keeping only when :meth:`describe` names the encoder's weights."""
         return bool(self.info.get("encoder_sha256"))

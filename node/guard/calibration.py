@@ -283,7 +283,7 @@ def cached_features(
     blob = _kept_blob(path)
     if blob is not None:
         try:
-            feats = np.load(io.BytesIO(blob), allow_pickle=False)
+            feats: np.ndarray = np.load(io.BytesIO(blob), allow_pickle=False)
             if feats.ndim == 2 and feats.shape[0] == images.shape[0] and np.isfinite(feats).all():
                 return feats
         except (ValueError, OSError):
