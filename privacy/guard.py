@@ -27,9 +27,18 @@ from privacy.metrics import Metric, check_images
 from privacy.search import DENSE_ENTRIES, ExactIndex, Nearest, index_layout
 from privacy.tiles import TileIndex, tile_sizes
 
-__all__ = ["Guard", "Screening", "metric_nearest"]
+__all__ = ["Guard", "Screening", "metric_nearest", "blas_threads"]
 
 _QUERY_BLOCK_ENTRIES = 1 << 22  # float32 entries of query variants held at once
+
+
+def blas_threads() -> int:
+    """Threads BLAS would use (``OMP_NUM_THREADS`` and friends), at least 1."""
+    from threadpoolctl import threadpool_info
+
+    counts = [int(i.get("num_threads") or 1) for i in threadpool_info()
+              if i.get("user_api") == "blas"]
+    return max([1, *counts])
 
 
 def metric_nearest(
@@ -92,12 +101,14 @@ class Guard:
         seed: int = 0,
         index_factory: Callable[[str, np.ndarray, dict[str, Any]], ExactIndex] | None = None,
         features_factory: Callable[[Metric, np.ndarray], np.ndarray] | None = None,
+        workers: int | None = None,
     ) -> None:
         """``index_factory(feature_space, features, layout)``, when given, supplies each exact
         index (a cache of them, say); it must return an index of exactly those features.
         ``features_factory(metric, reference)``, when given, supplies each metric's reference
         features (a cache of :attr:`Metric.costly_features` ones, say); it must return exactly
-        ``metric.reference_features(reference)``."""
+        ``metric.reference_features(reference)``. ``workers``: threads of the capped tile
+        search (default: as many as BLAS would use, i.e. ``OMP_NUM_THREADS``)."""
         if not metrics:
             raise GuardError("the guard needs at least one metric", "guard.metrics", 2)
         names = [m.name for m in metrics]
@@ -112,6 +123,9 @@ class Guard:
         ref = np.asarray(reference)
         if ref.ndim != 3 or ref.shape[0] == 0:
             raise GuardError(f"reference must be [N, H, W], N > 0; found {ref.shape}", "guard", 2)
+        if workers is not None and workers < 1:
+            raise GuardError("workers must be >= 1", "guard.workers", 2)
+        self.workers = workers if workers is not None else blas_threads()
         self.metrics = list(metrics)
         self.thresholds = {n: float(thresholds[n]) for n in names}
         self.image_shape = (int(ref.shape[1]), int(ref.shape[2]))
@@ -172,12 +186,28 @@ class Guard:
         cap_sq = (self.thresholds[metric.name] / scale) ** 2 * (1.0 + 1e-9)
         arr = check_images(images)
         index = self.tile_indexes[metric.feature_space]
-        parts = []
-        for start in range(0, arr.shape[0], 64):
-            windows = metric.windows(arr[start : start + 64])
-            assert windows is not None
-            parts.append(index.nearest(windows, k=2, cap_sq=cap_sq))
-        return Nearest.concat(parts, 2)
+
+        def search(rows: np.ndarray) -> list[Nearest]:
+            parts = []
+            for start in range(0, rows.size, 64):
+                windows = metric.windows(arr[rows[start : start + 64]])
+                assert windows is not None
+                parts.append(index.nearest(windows, k=2, cap_sq=cap_sq))
+            return parts
+
+        split = np.array_split(np.arange(arr.shape[0]), max(1, min(self.workers, arr.shape[0])))
+        if len(split) == 1:
+            return Nearest.concat(search(split[0]), 2)
+        # Each thread searches its own candidates; BLAS gets one thread each, so the threads
+        # share the cores instead of oversubscribing them. Results do not depend on the split:
+        # every candidate's search is independent of the others.
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(split)) as pool:
+            found = list(pool.map(search, split))
+        return Nearest.concat([n for part in found for n in part], 2)
 
     def screen(self, images: np.ndarray) -> Screening:
         arr = check_images(images, "candidates")

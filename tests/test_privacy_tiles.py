@@ -167,9 +167,17 @@ def test_guard_decides_the_shift_metric_with_bounds_at_or_above_the_threshold() 
     scale = metric.scale((16, 16))
     d1 = np.sqrt(truth.sq[:, 0]) * scale
     thr = float(np.sort(d1)[5]) * 0.999  # some fresh images below, some above
-    guard = Guard([metric], ref, {"shift_flip": thr})
+    guard = Guard([metric], ref, {"shift_flip": thr}, workers=1)
     screening = guard.screen(cand)
     assert screening.bounded == ("shift_flip",)
+    # Searching in threads (one BLAS thread each) decides and bounds exactly as one thread.
+    for workers in (2, 3, 64):
+        threaded = Guard([metric], ref, {"shift_flip": thr}, workers=workers).screen(cand)
+        np.testing.assert_array_equal(threaded.accepted, screening.accepted)
+        np.testing.assert_array_equal(threaded.distances["shift_flip"],
+                                      screening.distances["shift_flip"])
+        np.testing.assert_array_equal(threaded.nearest_row["shift_flip"],
+                                      screening.nearest_row["shift_flip"])
     np.testing.assert_array_equal(screening.accepted, d1 >= thr)
     got = screening.distances["shift_flip"]
     below = d1 < thr
@@ -196,3 +204,13 @@ def test_tile_search_over_several_reference_chunks_equals_brute_force(cap: float
     want = brute_force_nearest(windows.variants(), feats, k=2)
     np.testing.assert_array_equal(got.sq, np.where(want.sq < cap, want.sq, np.inf))
     assert np.all(got.floor_sq <= want.sq[:, 0])
+
+
+def test_guard_workers_default_to_the_blas_threads_and_refuse_zero() -> None:
+    from privacy.guard import blas_threads
+
+    ref = np.random.default_rng(0).random((5, 16, 16)).astype(np.float32)
+    metric = ShiftFlipDistance(2)
+    assert Guard([metric], ref, {"shift_flip": 0.1}).workers == blas_threads() >= 1
+    with pytest.raises(GuardError, match="workers"):
+        Guard([metric], ref, {"shift_flip": 0.1}, workers=0)
