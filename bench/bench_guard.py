@@ -501,6 +501,7 @@ def run_cost(args: argparse.Namespace) -> None:
     from node.config import load_node_config, resolve_home
     from node.guard.calibration import prepare_guard
     from node.guard.run import generate_and_screen
+    from privacy.guard import blas_threads
 
     paths = resolve_home(args.home)
     config = load_node_config(paths)
@@ -518,10 +519,12 @@ def run_cost(args: argparse.Namespace) -> None:
 - command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
   bench/bench_guard.py cost --home {args.home} --count {args.count} --seed {args.seed}`
 - home: {args.label}
-- guard preparation (reference, calibration, encoder; cached after the first run): {prepare_s:.1f} s
+- guard preparation before the run (reference, calibration, encoder; kept after the first
+  run): {prepare_s:.1f} s
 - generate: {run.report["exported"]} exported of {tried} sampled;
   sampling {timing["sampling"]:.2f} s, guard {timing["guard"]:.2f} s (every metric, the run's
-  canaries included): guard / sampling = {ratio:.1%}
+  canaries, and the run's own loading of the guard: reference, calibration, kept indexes and
+  features); search threads {blas_threads()}: guard / sampling = {ratio:.1%}
 """
     print(section)
     _append(section)

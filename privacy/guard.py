@@ -102,13 +102,16 @@ class Guard:
         index_factory: Callable[[str, np.ndarray, dict[str, Any]], ExactIndex] | None = None,
         features_factory: Callable[[Metric, np.ndarray], np.ndarray] | None = None,
         workers: int | None = None,
+        tile_factory: Callable[[Metric, np.ndarray, tuple[int, int]], TileIndex] | None = None,
     ) -> None:
         """``index_factory(feature_space, features, layout)``, when given, supplies each exact
         index (a cache of them, say); it must return an index of exactly those features.
         ``features_factory(metric, reference)``, when given, supplies each metric's reference
         features (a cache of :attr:`Metric.costly_features` ones, say); it must return exactly
-        ``metric.reference_features(reference)``. ``workers``: threads of the capped tile
-        search (default: as many as BLAS would use, i.e. ``OMP_NUM_THREADS``)."""
+        ``metric.reference_features(reference)``. ``tile_factory(metric, features,
+        window_shape)``, when given, supplies each tile index (kept between runs, say).
+        ``workers``: threads of the capped tile search (default: as many as BLAS would use,
+        i.e. ``OMP_NUM_THREADS``)."""
         if not metrics:
             raise GuardError("the guard needs at least one metric", "guard.metrics", 2)
         names = [m.name for m in metrics]
@@ -145,7 +148,13 @@ class Guard:
             windows = m.windows(ref[:1]) if m.n_variants() > 1 else None
             if windows is not None and tile_sizes(*windows.shape):
                 if m.feature_space not in self.tile_indexes:
-                    self.tile_indexes[m.feature_space] = TileIndex(features(m), windows.shape)
+                    feats = features(m)
+                    tiles = (TileIndex(feats, windows.shape) if tile_factory is None
+                             else tile_factory(m, feats, windows.shape))
+                    if (tiles.n, tiles.shape) != (feats.shape[0], windows.shape):
+                        raise GuardError(f"tile index of {m.feature_space} does not match",
+                                         "guard", 1)
+                    self.tile_indexes[m.feature_space] = tiles
                 continue
             if m.feature_space not in self.indexes:
                 feats = features(m)

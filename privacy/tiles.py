@@ -82,11 +82,12 @@ from privacy.search import (
     gemm_interval,
 )
 
-__all__ = ["TileIndex", "tile_sizes", "tile_statistics", "MAX_TILES"]
+__all__ = ["TileIndex", "tile_sizes", "tile_statistics", "MAX_TILES", "TILES_VERSION"]
 
 MAX_TILES = 500  # tiles per level: keeps the GEMM at d + 4 <= 1004 terms
 _U64 = 2.0**-53
 _SEED_REFS = 8
+TILES_VERSION = 1  # of TileIndex.state
 
 
 def tile_sizes(h: int, w: int, per_side: tuple[int, ...] = (7, 14)) -> tuple[int, ...]:
@@ -246,6 +247,18 @@ class TileIndex:
         sizes: tuple[int, ...] | None = None,
         chunk_rows: int = 256,
     ) -> None:
+        feats, sizes = self._setup(features, shape, sizes, chunk_rows)
+        n, (h, w) = self.n, self.shape
+        self.right = [np.empty((2 * (h // b) * (w // b) + 3, n), dtype=np.float32) for b in sizes]
+        for start in range(0, n, chunk_rows):
+            stop = min(n, start + chunk_rows)
+            for level, block in enumerate(self._right_columns(np.arange(start, stop))):
+                self.right[level][:, start:stop] = block
+
+    def _setup(
+        self, features: np.ndarray, shape: tuple[int, int], sizes: tuple[int, ...] | None,
+        chunk_rows: int,
+    ) -> tuple[np.ndarray, tuple[int, ...]]:
         feats = as_feature_matrix(features, "reference")
         n, f = feats.shape
         h, w = int(shape[0]), int(shape[1])
@@ -253,7 +266,7 @@ class TileIndex:
             raise GuardError("the reference is empty", "reference", 2)
         if h * w != f:
             raise GuardError(f"windows of {h}x{w} do not match {f} features", "reference", 2)
-        self.sizes = tuple(sizes) if sizes is not None else tile_sizes(h, w)
+        self.sizes = tuple(int(b) for b in sizes) if sizes is not None else tile_sizes(h, w)
         if not self.sizes:
             raise GuardError(f"no tile side divides a {h}x{w} window", "reference", 2)
         for b in self.sizes:
@@ -262,15 +275,56 @@ class TileIndex:
         self.features, self.n, self.dim, self.shape = feats, n, f, (h, w)
         self.chunk_rows = chunk_rows
         self.sq_norms = exact_sq_norms(feats)
-        self.right: list[np.ndarray] = [
-            np.empty((2 * (h // b) * (w // b) + 3, n), dtype=np.float32) for b in self.sizes
-        ]
+        return feats, self.sizes
+
+    def _right_columns(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Per level, the GEMM columns [2m + 3, len(rows)] of the references ``rows``."""
+        h, w = self.shape
         zero = np.zeros((1, 3), dtype=np.int64)
-        for start in range(0, n, chunk_rows):
-            stop = min(n, start + chunk_rows)
-            win = Windows(feats[start:stop].reshape(stop - start, 1, h, w), zero, (h, w))
-            for level, (a, delta) in enumerate(tile_statistics(win, self.sizes)):
-                self.right[level][:, start:stop] = _right(a[:, 0], delta[:, 0])
+        win = Windows(self.features[rows].reshape(rows.size, 1, h, w), zero, (h, w))
+        return [_right(a[:, 0], delta[:, 0]) for a, delta in tile_statistics(win, self.sizes)]
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The costly part of building the index (its GEMM columns), for a cache kept by the
+        caller; :meth:`from_state` rebuilds the index from the same features and this."""
+        out = {"version": np.array(TILES_VERSION), "shape": np.array([self.n, *self.shape]),
+               "sizes": np.array(self.sizes, dtype=np.int64)}
+        out.update({f"right{level}": r for level, r in enumerate(self.right)})
+        return out
+
+    @classmethod
+    def from_state(cls, features: np.ndarray, state: dict[str, np.ndarray],
+                   chunk_rows: int = 256) -> TileIndex:
+        """The index of ``features`` from :meth:`state` of an index built on the same ones.
+
+        The caller keys the state by a digest of the features; this checks the version,
+        shapes and finite values, and recomputes the columns of 16 references spread over the
+        reference, refusing the state when any of them differs.
+        """
+
+        def bad(why: str) -> GuardError:
+            return GuardError(f"kept tile index refused: {why}", "reference", 1)
+
+        if int(state["version"]) != TILES_VERSION:
+            raise bad(f"version {int(state['version'])}, this code writes {TILES_VERSION}")
+        n, h, w = (int(v) for v in state["shape"])
+        index = cls.__new__(cls)
+        index._setup(features, (h, w), tuple(int(b) for b in state["sizes"]), chunk_rows)
+        if index.n != n:
+            raise bad(f"built for {n} references, the reference has {index.n}")
+        index.right = []
+        for level, b in enumerate(index.sizes):
+            right = np.asarray(state[f"right{level}"])
+            if right.dtype != np.float32 or right.shape != (2 * (h // b) * (w // b) + 3, n):
+                raise bad(f"level {level} has shape {right.shape}")
+            if not np.all(np.isfinite(right)):
+                raise bad(f"level {level} holds non-finite values")
+            index.right.append(right)
+        rows = np.unique(np.linspace(0, n - 1, min(n, 16)).astype(np.int64))
+        for level, cols in enumerate(index._right_columns(rows)):
+            if not np.array_equal(cols, index.right[level][:, rows]):
+                raise bad("it was built on other features")
+        return index
 
     def nearest(
         self,

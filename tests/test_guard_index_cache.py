@@ -1,4 +1,4 @@
-"""node.guard.calibration.cached_index / cached_features: kept files serve identical inputs only."""
+"""node.guard.calibration: kept indexes and features serve identical inputs only."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.guard.calibration import cached_features, cached_index
-from privacy.metrics import EmbeddingDistance, PixelRMSE
+from node.guard.calibration import cached_features, cached_index, cached_tile_index
+from privacy.errors import GuardError
+from privacy.metrics import EmbeddingDistance, PixelRMSE, ShiftFlipDistance
 from privacy.search import ExactIndex, brute_force_nearest
+from privacy.tiles import TileIndex
 from protocols.files import sha256_hex
 
 LAYOUT = {"n_components": 32, "blocks": 8, "local_axes": False}
@@ -146,3 +148,62 @@ def test_cheap_features_and_unnamed_encoders_are_never_written(tmp_path: Path) -
         np.testing.assert_array_equal(got, metric.reference_features(images))
     assert calls == [10, 10]  # computed, then once more for the comparison
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- cached_tile_index: the shift metric's tile statistics, kept between runs -------------
+
+
+def _windows_problem() -> tuple[ShiftFlipDistance, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(8)
+    images = rng.random((60, 20, 20)).astype(np.float32)
+    metric = ShiftFlipDistance(2)
+    cand = np.roll(images[:3], 1, axis=2) + rng.normal(0, 0.01, (3, 20, 20)).astype(np.float32)
+    return metric, metric.reference_features(images), cand
+
+
+def test_tile_index_is_kept_and_answers_like_a_fresh_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metric, feats, cand = _windows_problem()
+    first = cached_tile_index(tmp_path, "digest", metric, feats, (16, 16))
+    assert len(list(tmp_path.glob("tiles-*.npz"))) == 1
+
+    def no_build(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the tile index was rebuilt instead of loaded")
+
+    monkeypatch.setattr(TileIndex, "__init__", no_build)
+    second = cached_tile_index(tmp_path, "digest", metric, feats, (16, 16))
+    for a, b in zip(first.right, second.right, strict=True):
+        np.testing.assert_array_equal(a, b)
+    windows = metric.windows(cand)
+    want = brute_force_nearest(windows.variants(), feats, k=2)
+    np.testing.assert_array_equal(second.nearest(windows, k=2).sq, want.sq)
+
+
+def test_tile_index_of_another_reference_is_rebuilt(tmp_path: Path) -> None:
+    metric, feats, cand = _windows_problem()
+    cached_tile_index(tmp_path, "digest-1", metric, feats, (16, 16))
+    other = feats[::-1].copy()
+    index = cached_tile_index(tmp_path, "digest-2", metric, other, (16, 16))
+    windows = metric.windows(cand)
+    want = brute_force_nearest(windows.variants(), other, k=1)
+    np.testing.assert_array_equal(index.nearest(windows, k=1).sq, want.sq)
+    assert len(list(tmp_path.glob("tiles-*.npz"))) == 1
+
+
+@pytest.mark.parametrize("damage", ["version", "shape", "nan", "other features"])
+def test_tile_index_state_is_refused_when_it_does_not_fit(damage: str) -> None:
+    metric, feats, _ = _windows_problem()
+    state = TileIndex(feats, (16, 16)).state()
+    target = feats
+    if damage == "version":
+        state["version"] = np.array(99)
+    elif damage == "shape":
+        state["right0"] = state["right0"][:, :-1]
+    elif damage == "nan":
+        state["right0"] = state["right0"].copy()
+        state["right0"][0, 5] = np.nan
+    else:
+        target = feats + np.float32(0.5)  # every reference differs, so the sample does too
+    with pytest.raises(GuardError, match="kept tile index refused"):
+        TileIndex.from_state(target, state)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from privacy.errors import GuardError
 from privacy.guard import Guard
 from privacy.metrics import ContrastRMSE, EmbeddingDistance, Metric, PixelRMSE, ShiftFlipDistance
 from privacy.search import SEARCH_VERSION, ExactIndex
+from privacy.tiles import TILES_VERSION, TileIndex
 from protocols.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -49,10 +50,18 @@ __all__ = [
     "build_metrics",
     "cached_index",
     "cached_features",
+    "cached_tile_index",
     "CALIBRATION_VERSION",
 ]
 
 CALIBRATION_VERSION = 1
+
+
+class _HasState(Protocol):
+    def state(self) -> dict[str, np.ndarray]: ...
+
+
+_Kept = TypeVar("_Kept", bound=_HasState)
 
 
 @dataclass
@@ -92,6 +101,11 @@ class GuardState:
                     None
                     if self.cache_dir is None
                     else partial(cached_features, self.cache_dir, self.reference.digest)
+                ),
+                tile_factory=(
+                    None
+                    if self.cache_dir is None
+                    else partial(cached_tile_index, self.cache_dir, self.reference.digest)
                 ),
             )
         return self._guards[modality]
@@ -246,16 +260,50 @@ def cached_index(
     h.update(canonical_json({"version": SEARCH_VERSION, "layout": layout, "seed": 0,
                              "dtype": str(feats.dtype), "shape": list(feats.shape)}))
     h.update(feats.tobytes())
-    prefix = f"index-{_label(space)}"
-    path = folder / f"{prefix}-{h.hexdigest()[:32]}.npz"
+    return _kept_npz(
+        folder, f"index-{_label(space)}", h.hexdigest(),
+        lambda state: ExactIndex.from_state(feats, state),
+        lambda: ExactIndex(feats, seed=0, **layout),
+    )
+
+
+def cached_tile_index(
+    folder: Path, reference_digest: str, metric: Metric, features: np.ndarray,
+    shape: tuple[int, int],
+) -> TileIndex:
+    """The tile index of a window metric's reference features, kept in ``folder``.
+
+    Keyed like :func:`cached_features` (reference digest, metric description, shapes);
+    ``TileIndex.from_state`` re-checks shapes and finite values and recomputes a sample of
+    references' columns before the kept state is used; anything else is rebuilt.
+    """
+    key = sha256_hex(
+        canonical_json({"version": TILES_VERSION, "reference": reference_digest,
+                        "metric": metric.describe(), "features": list(features.shape),
+                        "window": list(shape)})
+    )
+    return _kept_npz(
+        folder, f"tiles-{_label(metric.feature_space)}", key,
+        lambda state: TileIndex.from_state(features, state),
+        lambda: TileIndex(features, shape),
+    )
+
+
+def _kept_npz(
+    folder: Path, prefix: str, key: str,
+    load: Callable[[dict[str, np.ndarray]], _Kept], build: Callable[[], _Kept],
+) -> _Kept:
+    """An index loaded from ``<folder>/<prefix>-<key>.npz`` when that file and its sidecar
+    match and ``load`` accepts its state; else built, and its ``state()`` kept there."""
+    path = folder / f"{prefix}-{key[:32]}.npz"
     blob = _kept_blob(path)
     if blob is not None:
         try:
             with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-                return ExactIndex.from_state(feats, {k: data[k] for k in data.files})
+                return load({k: data[k] for k in data.files})
         except (GuardError, KeyError, ValueError, OSError, zipfile.BadZipFile):
             pass  # rebuilt below
-    index = ExactIndex(feats, seed=0, **layout)
+    index = build()
     _keep(folder, prefix, path, _npz_bytes(index.state()))
     return index
 
