@@ -110,8 +110,8 @@ class Guard:
         features (a cache of :attr:`Metric.costly_features` ones, say); it must return exactly
         ``metric.reference_features(reference)``. ``tile_factory(metric, features,
         window_shape)``, when given, supplies each tile index (kept between runs, say).
-        ``workers``: threads of the capped tile search (default: as many as BLAS would use,
-        i.e. ``OMP_NUM_THREADS``)."""
+        ``workers``: threads of :meth:`screen` (default: as many as BLAS would use, i.e.
+        ``OMP_NUM_THREADS``)."""
         if not metrics:
             raise GuardError("the guard needs at least one metric", "guard.metrics", 2)
         names = [m.name for m in metrics]
@@ -195,28 +195,37 @@ class Guard:
         cap_sq = (self.thresholds[metric.name] / scale) ** 2 * (1.0 + 1e-9)
         arr = check_images(images)
         index = self.tile_indexes[metric.feature_space]
+        parts = []
+        for start in range(0, arr.shape[0], 64):
+            windows = metric.windows(arr[start : start + 64])
+            assert windows is not None
+            parts.append(index.nearest(windows, k=2, cap_sq=cap_sq))
+        return Nearest.concat(parts, 2)
 
-        def search(rows: np.ndarray) -> list[Nearest]:
-            parts = []
-            for start in range(0, rows.size, 64):
-                windows = metric.windows(arr[rows[start : start + 64]])
-                assert windows is not None
-                parts.append(index.nearest(windows, k=2, cap_sq=cap_sq))
-            return parts
-
+    def _search_all(self, arr: np.ndarray) -> dict[str, Nearest]:
+        """Every metric's search of ``arr``. The capped tile searches come first and run in
+        :attr:`workers` threads, each over its own candidates with one BLAS thread: most of
+        their time is numpy outside BLAS, and a multi-threaded BLAS call leaves a helper
+        thread spinning for a while, which slowed a search that followed it by a third. Each
+        candidate's search is independent of the others, so the split changes no result. The
+        dense one-variant searches follow, with BLAS's own threads: one GEMM of the batch
+        against the reference, which two threads of their own would each read whole."""
+        tiled = [m for m in self.metrics if self.bounded(m)]
         split = np.array_split(np.arange(arr.shape[0]), max(1, min(self.workers, arr.shape[0])))
-        if len(split) == 1:
-            return Nearest.concat(search(split[0]), 2)
-        # Each thread searches its own candidates; BLAS gets one thread each, so the threads
-        # share the cores instead of oversubscribing them. Results do not depend on the split:
-        # every candidate's search is independent of the others.
-        from concurrent.futures import ThreadPoolExecutor
+        out: dict[str, Nearest] = {}
+        if len(split) > 1 and tiled:
+            from concurrent.futures import ThreadPoolExecutor
 
-        from threadpoolctl import threadpool_limits
+            from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(split)) as pool:
-            found = list(pool.map(search, split))
-        return Nearest.concat([n for part in found for n in part], 2)
+            with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(split)) as pool:
+                for m in tiled:
+                    found = list(pool.map(lambda rows, m=m: self.decide(m, arr[rows]), split))
+                    out[m.name] = Nearest.concat(found, 2)
+        for m in self.metrics:
+            if m.name not in out:
+                out[m.name] = self.decide(m, arr) if self.bounded(m) else self.nearest(m, arr, 2)
+        return out
 
     def screen(self, images: np.ndarray) -> Screening:
         arr = check_images(images, "candidates")
@@ -231,16 +240,14 @@ class Guard:
         evaluated, brute = {}, {}
         failed: list[list[str]] = [[] for _ in range(q)]
         bounded = []
+        found = self._search_all(arr)
         for m in self.metrics:
             scale = m.scale(self.image_shape)
+            res = found[m.name]
+            d = res.distances(scale)
             if self.bounded(m):
                 bounded.append(m.name)
-                res = self.decide(m, arr)
-                d = res.distances(scale)
                 d[:, 0] = np.where(np.isfinite(d[:, 0]), d[:, 0], np.sqrt(res.floor_sq) * scale)
-            else:
-                res = self.nearest(m, arr, k=2)
-                d = res.distances(scale)
             distances[m.name] = d[:, 0]
             second[m.name] = d[:, 1] if d.shape[1] > 1 else np.full(q, np.inf)
             rows[m.name] = res.index[:, 0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -277,15 +278,30 @@ def generate_and_screen(
     tried = n_kept = batch_no = 0
     sample_s, guard_s = 0.0, prepare_s
     while n_kept < count and tried < cap:
-        n = min(settings.batch_size, cap - tried)
-        batch_seed = int(np.random.SeedSequence([seed, batch_no]).generate_state(1)[0] >> 1)
-        t0 = time.perf_counter()
-        images = np.asarray(sampler(n, batch_seed), dtype=np.float32)
-        sample_s += time.perf_counter() - t0
-        if images.shape != (n, *size):
-            raise GuardError(
-                f"the sampler returned {images.shape}, expected {(n, *size)}", "sampler", 1
-            )
+        # One screening per group: as many candidates as should fill the request at the
+        # acceptance rate seen so far (all of it, at first), sampled in batches. Screening a
+        # group at once costs less per image than batch by batch (the references are read
+        # once per group), and stops no sooner than before: a short group is topped up.
+        rate = max(n_kept / tried if tried else 1.0, 1.0 / settings.max_tries_factor)
+        group = max(1, min(math.ceil((count - n_kept) / rate), cap - tried))
+        parts: list[np.ndarray] = []
+        for start in range(0, group, settings.batch_size):
+            n = min(settings.batch_size, group - start)
+            batch_seed = int(np.random.SeedSequence([seed, batch_no]).generate_state(1)[0] >> 1)
+            t0 = time.perf_counter()
+            part = np.asarray(sampler(n, batch_seed), dtype=np.float32)
+            sample_s += time.perf_counter() - t0
+            if part.shape != (n, *size):
+                raise GuardError(
+                    f"the sampler returned {part.shape}, expected {(n, *size)}", "sampler", 1
+                )
+            parts.append(part)
+            batch_no += 1
+            if progress:
+                print(f"guard: sampled {tried + start + n}/{tried + group} candidates",
+                      file=sys.stderr)
+        images = np.concatenate(parts)
+        n = images.shape[0]
         t0 = time.perf_counter()
         if canaries is None:
             screening, canaries = screen_with_canaries(state, modality, images, seed)
@@ -306,10 +322,7 @@ def generate_and_screen(
             rows[m].append(screening.nearest_row[m][take])
         n_kept += take.size
         tried += n
-        batch_no += 1
         if progress:
-            import sys
-
             print(f"guard: {n_kept}/{count} accepted after {tried} candidates", file=sys.stderr)
     assert canaries is not None
     accepted = np.concatenate(kept) if kept else np.zeros((0, *size), dtype=np.float32)

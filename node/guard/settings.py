@@ -34,7 +34,10 @@ class GuardSettings:
     canaries_per_alteration: int = setting(
         8, "canaries of each alteration planted in every generate / screen run"
     )
-    batch_size: int = setting(32, "generate: candidates sampled and screened per batch")
+    batch_size: int = setting(
+        32, "generate: candidates sampled per sampler call (screened in groups sized to fill "
+        "the request)"
+    )
     max_tries_factor: float = setting(
         4.0, "generate: stop after sampling this many times the requested count"
     )
