@@ -50,6 +50,19 @@ that error plus ``2 A D`` (the quadratic ``(EPS (1 - c) - c) A^2 - 2 c A D + (1 
 has a negative discriminant), so the computed value never exceeds ``|v - r|^2``. Property
 tests compare every result with brute force (``tests/test_privacy_tiles.py``).
 
+**Projected first level.** Most references are far from every variant, and the first
+level's GEMM over ``d + 3`` terms for every (variant, reference) pair was half of the search.
+With ``P`` the ``d x p`` principal axes of the references' first-level vectors (float64,
+orthonormalised; ``eta`` bounds ``|P^T P - I|_2``) the index first bounds every pair by the
+``p + 1``-vector ``b(x) = [P^T a(x), |a(x) - P P^T a(x)|]``. For an exactly orthonormal ``Q``
+the map ``b_Q`` is a contraction (Pythagoras and the reverse triangle inequality again);
+``P = Q S`` with ``|S - I| <= eta`` moves each part of ``b`` by at most ``eta |a|``, so
+``|b_P - b_Q| <= 2 eta |a|``; the float64 products and norms that compute ``b`` err by less
+than ``16 (d + p) (p + 1) u |a|``. So ``|b(v) - b(r)| <= |v - r| + D_b`` with
+``delta_b(x) = delta(x) + (4 eta + 16 (d + p) (p + 1) u) |a(x)|``, and the same augmented
+GEMM (now over ``p + 4`` terms) gives a safe bound. Only references with a pair below the
+limit get the full first level, then the cascade.
+
 **The search.** Per block of queries and chunk of references: the coarsest level for every
 (variant, reference) pair; the limit ``U`` is the query's current k-th best exact distance
 (seeded, when no cap is given, by exact distances of the few references of smallest bound),
@@ -82,12 +95,15 @@ from privacy.search import (
     gemm_interval,
 )
 
-__all__ = ["TileIndex", "tile_sizes", "tile_statistics", "MAX_TILES", "TILES_VERSION"]
+__all__ = [
+    "TileIndex", "tile_sizes", "tile_statistics", "MAX_TILES", "TILES_VERSION", "PROJECTION_DIMS",
+]
 
 MAX_TILES = 500  # tiles per level: keeps the GEMM at d + 4 <= 1004 terms
+PROJECTION_DIMS = 16  # principal axes of the projected first level (0: none)
 _U64 = 2.0**-53
 _SEED_REFS = 8
-TILES_VERSION = 1  # of TileIndex.state
+TILES_VERSION = 2  # of TileIndex.state
 
 
 def tile_sizes(h: int, w: int, per_side: tuple[int, ...] = (7, 14)) -> tuple[int, ...]:
@@ -193,6 +209,44 @@ def _right(a: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return out
 
 
+def _prune(lb: np.ndarray, limit: float) -> tuple[float, np.ndarray]:
+    """Per reference (column of ``lb`` [T, N]): whether a variant's bound is below ``limit``
+    (rounded up to float32), and the least bound of the references that are not."""
+    bound32 = np.nextafter(np.float32(limit), np.float32(np.inf))
+    per_ref = lb.min(axis=0)
+    live = per_ref < bound32
+    low = float(per_ref[~live].min()) if not live.all() else math.inf
+    return low, live
+
+
+class _Projection:
+    """``b(x) = [P^T a, |a - P P^T a|]`` and its error bound (module docstring, "Projected
+    first level")."""
+
+    def __init__(self, axes: np.ndarray) -> None:
+        self.axes = np.ascontiguousarray(axes, dtype=np.float64)
+        d, dims = self.axes.shape
+        gap = self.axes.T @ self.axes - np.eye(dims)
+        eta = float(np.sqrt(np.sum(gap * gap))) + 4.0 * d * dims * _U64
+        self.slack = 4.0 * eta + 16.0 * (d + dims) * (dims + 1) * _U64
+
+    @classmethod
+    def fit(cls, a: np.ndarray, dims: int) -> _Projection:
+        """The ``dims`` principal axes of the rows of ``a`` [N, d] (float64)."""
+        centred = a - a.mean(axis=0)
+        _, vectors = np.linalg.eigh(centred.T @ centred)
+        axes, _ = np.linalg.qr(vectors[:, ::-1][:, :dims])
+        return cls(axes)
+
+    def __call__(self, a: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(b [..., dims + 1], delta_b) of first-level vectors ``a`` [..., d] and ``delta``."""
+        coords = a @ self.axes
+        rest = a - coords @ self.axes.T
+        resid = np.sqrt(np.einsum("...i,...i->...", rest, rest))
+        norm = np.sqrt(np.einsum("...i,...i->...", a, a))
+        return np.concatenate([coords, resid[..., None]], axis=-1), delta + self.slack * norm
+
+
 class _BlockStats:
     """Box sums of a block of queries' sources, turned into GEMM rows on demand.
 
@@ -246,14 +300,30 @@ class TileIndex:
         shape: tuple[int, int],
         sizes: tuple[int, ...] | None = None,
         chunk_rows: int = 256,
+        projection_dims: int = PROJECTION_DIMS,
     ) -> None:
         feats, sizes = self._setup(features, shape, sizes, chunk_rows)
         n, (h, w) = self.n, self.shape
         self.right = [np.empty((2 * (h // b) * (w // b) + 3, n), dtype=np.float32) for b in sizes]
+        d0 = self.right[0].shape[0] - 3
+        dims = min(int(projection_dims), d0 // 2)
+        #: The projected first level (module docstring), or None where the first level is
+        #: already short; ``right_projected`` holds its GEMM columns.
+        self.projection: _Projection | None = None
+        if dims >= 2:
+            sample = np.unique(np.linspace(0, n - 1, min(n, 8192)).astype(np.int64))
+            self.projection = _Projection.fit(self._first_level(sample)[0], dims)
+        self.right_projected = (
+            np.empty((dims + 4, n), dtype=np.float32) if self.projection is not None else None
+        )
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
-            for level, block in enumerate(self._right_columns(np.arange(start, stop))):
-                self.right[level][:, start:stop] = block
+            for level, block in self._right_columns(np.arange(start, stop)).items():
+                if level < 0:
+                    assert self.right_projected is not None
+                    self.right_projected[:, start:stop] = block
+                else:
+                    self.right[level][:, start:stop] = block
 
     def _setup(
         self, features: np.ndarray, shape: tuple[int, int], sizes: tuple[int, ...] | None,
@@ -277,12 +347,23 @@ class TileIndex:
         self.sq_norms = exact_sq_norms(feats)
         return feats, self.sizes
 
-    def _right_columns(self, rows: np.ndarray) -> list[np.ndarray]:
-        """Per level, the GEMM columns [2m + 3, len(rows)] of the references ``rows``."""
+    def _statistics(self, rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         h, w = self.shape
         zero = np.zeros((1, 3), dtype=np.int64)
         win = Windows(self.features[rows].reshape(rows.size, 1, h, w), zero, (h, w))
-        return [_right(a[:, 0], delta[:, 0]) for a, delta in tile_statistics(win, self.sizes)]
+        return [(a[:, 0], delta[:, 0]) for a, delta in tile_statistics(win, self.sizes)]
+
+    def _first_level(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._statistics(rows)[0]
+
+    def _right_columns(self, rows: np.ndarray) -> dict[int, np.ndarray]:
+        """Per level, the GEMM columns [2m + 3, len(rows)] of the references ``rows``; level
+        -1 is the projected first level, where there is one."""
+        stats = self._statistics(rows)
+        out = {level: _right(a, delta) for level, (a, delta) in enumerate(stats)}
+        if self.projection is not None:
+            out[-1] = _right(*self.projection(*stats[0]))
+        return out
 
     def state(self) -> dict[str, np.ndarray]:
         """The costly part of building the index (its GEMM columns), for a cache kept by the
@@ -290,6 +371,9 @@ class TileIndex:
         out = {"version": np.array(TILES_VERSION), "shape": np.array([self.n, *self.shape]),
                "sizes": np.array(self.sizes, dtype=np.int64)}
         out.update({f"right{level}": r for level, r in enumerate(self.right)})
+        if self.projection is not None and self.right_projected is not None:
+            out["axes"] = self.projection.axes
+            out["right_projected"] = self.right_projected
         return out
 
     @classmethod
@@ -320,9 +404,23 @@ class TileIndex:
             if not np.all(np.isfinite(right)):
                 raise bad(f"level {level} holds non-finite values")
             index.right.append(right)
+        index.projection, index.right_projected = None, None
+        if "axes" in state:
+            axes = np.asarray(state["axes"], dtype=np.float64)
+            proj = np.asarray(state["right_projected"])
+            d0 = index.right[0].shape[0] - 3
+            if axes.ndim != 2 or axes.shape[0] != d0 or not 2 <= axes.shape[1] <= d0:
+                raise bad(f"projection axes of shape {axes.shape}")
+            if proj.dtype != np.float32 or proj.shape != (axes.shape[1] + 4, n):
+                raise bad(f"projected level has shape {proj.shape}")
+            if not (np.all(np.isfinite(axes)) and np.all(np.isfinite(proj))):
+                raise bad("the projected level holds non-finite values")
+            index.projection, index.right_projected = _Projection(axes), proj
         rows = np.unique(np.linspace(0, n - 1, min(n, 16)).astype(np.int64))
-        for level, cols in enumerate(index._right_columns(rows)):
-            if not np.array_equal(cols, index.right[level][:, rows]):
+        for level, cols in index._right_columns(rows).items():
+            kept = index.right_projected if level < 0 else index.right[level]
+            assert kept is not None
+            if not np.array_equal(cols, kept[:, rows]):
                 raise bad("it was built on other features")
         return index
 
@@ -364,19 +462,33 @@ class TileIndex:
             part = _BlockStats(
                 Windows(windows.sources[q0:q1], windows.offsets, windows.shape), self.sizes
             )
-            left0 = part.left(0, slice(None), slice(None))
+            a0, delta0 = part.stats(0, slice(None), slice(None))
+            left0 = _left(a0, delta0)
+            if self.projection is not None:
+                assert self.right_projected is not None
+                first, first_right = _left(*self.projection(a0, delta0)), self.right_projected
+            else:
+                first, first_right = left0, self.right[0]
             for n0 in range(0, self.n, n_chunk):
                 n1 = min(self.n, n0 + n_chunk)
-                lb0 = (left0.reshape((q1 - q0) * t, -1) @ self.right[0][:, n0:n1]).reshape(
+                lb_first = (first.reshape((q1 - q0) * t, -1) @ first_right[:, n0:n1]).reshape(
                     q1 - q0, t, n1 - n0
                 )
                 for j in range(q1 - q0):
                     qi = q0 + j
-                    lb = lb0[j]
+                    lb = lb_first[j]
                     if not math.isfinite(cap_sq):
                         self._seed(lb, qi, n0, fetch, top, evaluated)
                     limit = min(float(top.sq[qi, k - 1]), cap_sq)
-                    low = self._cascade(lb, part, j, qi, n0, limit, fetch, top, evaluated)
+                    cols = np.arange(n0, n1)
+                    if first is not left0:  # the full first level on the references left
+                        low, live = _prune(lb, limit)
+                        floor[qi] = min(floor[qi], low)
+                        cols = cols[live]
+                        if cols.size == 0:
+                            continue
+                        lb = left0[j] @ self.right[0][:, cols]
+                    low = self._cascade(lb, cols, part, j, qi, limit, fetch, top, evaluated)
                     floor[qi] = min(floor[qi], low)
         np.minimum(floor, top.sq[:, 0], out=floor)
         if math.isfinite(cap_sq):
@@ -400,10 +512,10 @@ class TileIndex:
     def _cascade(
         self,
         lb: np.ndarray,
+        cols: np.ndarray,
         part: _BlockStats,
         j: int,
         qi: int,
-        n0: int,
         limit: float,
         fetch: Fetch,
         top: TopK,
@@ -411,13 +523,11 @@ class TileIndex:
     ) -> float:
         """Finer levels on the references with a surviving pair, then the exact refinement.
 
+        ``lb`` holds the first level's bounds [T, len(cols)] of the references ``cols``.
         Returns a lower bound on the squared distance of every pair that was not evaluated
         exactly (the evaluated ones are in ``top``).
         """
-        bound32 = np.nextafter(np.float32(limit), np.float32(np.inf))  # rounded up
-        per_ref = lb.min(axis=0)
-        live = per_ref < bound32
-        low = float(per_ref[~live].min()) if not live.all() else math.inf
+        low, live = _prune(lb, limit)
         refs = np.flatnonzero(live)
         if refs.size == 0:
             return low
@@ -426,7 +536,7 @@ class TileIndex:
         for level in range(1, len(self.sizes)):
             rows = np.flatnonzero(alive.any(axis=1))  # variants with a live pair
             left = part.left(level, slice(j, j + 1), rows)[0]
-            lbj = (left @ self.right[level][:, n0 + refs]).astype(np.float64)
+            lbj = (left @ self.right[level][:, cols[refs]]).astype(np.float64)
             best[rows] = np.maximum(best[rows], lbj)
             alive &= best < limit
             keep = alive.any(axis=0)
@@ -441,7 +551,7 @@ class TileIndex:
         ts = np.flatnonzero(rows_alive)
         alive, best = alive[ts], best[ts]
         vectors, vsq = fetch(qi, ts)
-        rows = refs + n0
+        rows = cols[refs]
         lo, hi = gemm_interval(
             np.asarray(vectors, dtype=np.float32)
             @ np.asarray(self.features[rows], dtype=np.float32).T,

@@ -61,18 +61,22 @@ def window_problems(draw):  # type: ignore[no-untyped-def]
     metric = ShiftFlipDistance(shift, mirror=draw(st.booleans()), rotations_deg=rotations)
     k = draw(st.integers(1, 3))
     capped = draw(st.sampled_from(["none", "median", "tiny"]))
-    return ref, cand.astype(np.float32), metric, k, capped
+    dims = draw(st.sampled_from([0, 2, 16]))  # projected first level: none, short, default
+    return ref, cand.astype(np.float32), metric, k, capped, dims
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(window_problems())
 def test_tile_search_equals_brute_force_on_random_windows(problem) -> None:  # type: ignore[no-untyped-def]
-    ref, cand, metric, k, capped = problem
+    ref, cand, metric, k, capped, dims = problem
     feats = metric.reference_features(ref)
     windows = metric.windows(cand)
     if not tile_sizes(*windows.shape):
         pytest.skip("no tile side for this window")
-    index = TileIndex(feats, windows.shape)
+    index = TileIndex(feats, windows.shape, projection_dims=dims)
+    assert (index.projection is not None) == (min(dims, (index.right[0].shape[0] - 3) // 2) >= 2)
+    # A kept state gives the same index (the projection included).
+    index = TileIndex.from_state(feats, index.state())
     want = brute_force_nearest(windows.variants(), feats, k=1)
     cap = {"none": math.inf, "median": float(np.median(want.sq[:, 0])) * 1.0001,
            "tiny": 1e-12}[capped]
@@ -98,6 +102,11 @@ def test_safe_tile_bound_never_exceeds_the_exact_distance(seed: int, scale: floa
     for level, (a, delta) in enumerate(tile_statistics(windows, index.sizes)):
         bound = (_left(a, delta) @ index.right[level]).astype(np.float64)
         assert np.all(bound <= exact)
+        if level == 0:  # the projected first level bounds the same pairs, more loosely
+            assert index.projection is not None and index.right_projected is not None
+            projected = _left(*index.projection(a, delta)) @ index.right_projected
+            assert np.all(projected.astype(np.float64) <= exact)
+            assert np.all(projected <= bound + 1e-3 * np.abs(bound).max())
     # And the bound is not vacuous: it is positive for pairs of clearly different windows.
     far = TileIndex(metric.reference_features(rng.random((5, size, size)).astype(np.float32)),
                     windows.shape)
