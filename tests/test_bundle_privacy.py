@@ -54,6 +54,16 @@ def test_planted_identifiers_never_reach_a_bundle(node_home: Path, tmp_path: Pat
             for form in {secret, secret.replace("^", " ")}:
                 assert form.encode() not in data, f"{form!r} leaked into {path.name}"
                 assert form.encode("utf-16-le") not in data, f"{form!r} leaked into {path.name}"
+    # The guard's kept state (tile statistics, embeddings of real slices) stays in guard/:
+    # no bundle file is one of those files, or holds one whole.
+    kept = [f for pattern in ("tiles-*.npz", "features-*.npy", "index-*.npz")
+            for f in paths.guard.glob(pattern)]
+    assert any(f.name.startswith("tiles-") for f in kept)
+    assert any(f.name.startswith("features-embedding") for f in kept)
+    for f in kept:
+        blob = f.read_bytes()
+        for path, data in files.items():
+            assert path.name != f.name and blob not in data, f"{f.name} leaked into {path.name}"
     dicom_files = sorted((bundle / "dicom").glob("*.dcm"))
     assert len(dicom_files) == 3
     for path in dicom_files:

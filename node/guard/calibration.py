@@ -6,8 +6,11 @@ inputs (which slices, which settings, which floors); ``guard/calibration.npz`` t
 new-patient distances (numbers only, for the DCR score of later runs); ``guard/encoder.npz``
 and ``guard/encoder.json`` the embedding metric's weights with their config, training summary
 and the digest of the train slices they saw. A later run reuses all of it when the digest still
-matches, and recalibrates otherwise. Every file is written atomically through
-``protocols.files``.
+matches, and recalibrates otherwise. Kept search state (``index-*.npz``, ``tiles-*.npz``,
+``features-*.npy``, each with a ``.sha256`` sidecar) spares later runs rebuilding the
+indexes and re-embedding the reference; it is derived from real slices, so it stays in
+``guard/`` like them, and anything that does not match is rebuilt. Every file is written
+atomically through ``protocols.files``.
 """
 
 from __future__ import annotations
