@@ -6,6 +6,7 @@
     python bench/bench_compare.py synth --task denoise|sr [--count N]   # arm S's guarded data
     python bench/bench_compare.py run --task denoise|sr [--steps N] [--batch-size N]
         [--arms S,R,L,F,0] [--synthetic guard|none] [--preset cpu|tiny] [--no-record]
+        [--count-per-site N]
 
 Sites: CT denoising uses the three CT collections (covid-ny-sbu, tcga-luad,
 pancreatic-ct-cbct-seg) as three sites; MR super-resolution splits brain-tumor-t1c by patient
@@ -168,9 +169,13 @@ def synth(task: str, count: int, seed: int) -> None:
     out = _synthetic_dir(task)
     for site_cfg in config.sites:
         target = out / f"{site_cfg.name}.npy"
-        if target.exists():
-            print(f"{site_cfg.name}: cached {target}")
-            continue
+        meta = out / f"{site_cfg.name}.json"
+        if target.exists() and meta.exists():
+            asked = json.loads(meta.read_text(encoding="utf-8")).get("count_asked", 0)
+            if asked == count:
+                print(f"{site_cfg.name}: cached {target}")
+                continue
+            print(f"{site_cfg.name}: the cached set was made for --count {asked}; remaking it")
         from dataclasses import replace
 
         site = _load_site(replace(site_cfg, home=str(REPO / site_cfg.home)), config.modality)
@@ -182,6 +187,7 @@ def synth(task: str, count: int, seed: int) -> None:
             images, info = nothing_from(site, exc)
         info["wall_s"] = round(time.monotonic() - t0, 1)
         info["seed"] = seed
+        info["count_asked"] = count  # 0: the site's train count
         import io
 
         buffer = io.BytesIO()
@@ -201,7 +207,9 @@ def _cached_source(task: str):  # type: ignore[no-untyped-def]
     def source(site, count, seed):  # type: ignore[no-untyped-def]
         images = np.load(folder / f"{site.name}.npy")
         info = json.loads((folder / f"{site.name}.json").read_text())
-        return images[:count] if count else images, info
+        used = images[:count] if count else images
+        info["used"] = int(used.shape[0])  # the first ``count`` of the cached accepted set
+        return used, info
 
     return source
 
@@ -225,6 +233,9 @@ def run(args: argparse.Namespace) -> None:
         overrides["fedavg"] = replace(config.fedavg, rounds=args.rounds)
     if args.synthetic:
         overrides["synthetic"] = replace(config.synthetic, source=args.synthetic)
+    if args.count_per_site:
+        synthetic = overrides.get("synthetic", config.synthetic)
+        overrides["synthetic"] = replace(synthetic, count_per_site=args.count_per_site)
     config = replace(config, **overrides)
     config.sites = [replace(s, home=str(REPO / s.home)) for s in config.sites]
     out = REPO / (args.out or config.out)
@@ -311,7 +322,8 @@ def record(args, config, results, out: Path, wall: float) -> None:  # type: igno
         counts = ", ".join(
             f"{site}: none (the guard refused every candidate: {info['refused']})"
             if info.get("refused") else
-            f"{site}: {info.get('accepted')} accepted of {info.get('candidates_tried')} tried "
+            f"{site}: {info.get('used', info.get('accepted'))} used, the first of "
+            f"{info.get('accepted')} accepted of {info.get('candidates_tried')} tried "
             f"(generator preset {info.get('generator', {}).get('preset', '?')}, "
             f"{info.get('generator', {}).get('steps', '?')} steps)"
             for site, info in prov["sites"].items())
@@ -344,6 +356,8 @@ def main() -> None:
     r.add_argument("--arms", default="")
     r.add_argument("--rounds", type=int, default=0)
     r.add_argument("--synthetic", choices=("guard", "pool", "none"), default=None)
+    r.add_argument("--count-per-site", type=int, default=0,
+                   help="arm S images per site (default: the config's, 0 = its train count)")
     r.add_argument("--out", default="")
     r.add_argument("--no-record", action="store_true", help="smoke run: do not touch RESULTS.md")
     args = parser.parse_args()
