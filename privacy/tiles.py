@@ -312,7 +312,7 @@ class TileIndex:
         self.projection: _Projection | None = None
         if dims >= 2:
             sample = np.unique(np.linspace(0, n - 1, min(n, 8192)).astype(np.int64))
-            self.projection = _Projection.fit(self._first_level(sample)[0], dims)
+            self.projection = _Projection.fit(self._statistics(sample)[0][0], dims)
         self.right_projected = (
             np.empty((dims + 4, n), dtype=np.float32) if self.projection is not None else None
         )
@@ -352,9 +352,6 @@ class TileIndex:
         zero = np.zeros((1, 3), dtype=np.int64)
         win = Windows(self.features[rows].reshape(rows.size, 1, h, w), zero, (h, w))
         return [(a[:, 0], delta[:, 0]) for a, delta in tile_statistics(win, self.sizes)]
-
-    def _first_level(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._statistics(rows)[0]
 
     def _right_columns(self, rows: np.ndarray) -> dict[int, np.ndarray]:
         """Per level, the GEMM columns [2m + 3, len(rows)] of the references ``rows``; level
