@@ -95,23 +95,19 @@ class GuardState:
                 self.reference.images,
                 self.thresholds(modality),
                 n_components=self.settings.pca_components,
-                index_factory=(
-                    None
-                    if self.cache_dir is None
-                    else partial(cached_index, self.cache_dir)
-                ),
-                features_factory=(
-                    None
-                    if self.cache_dir is None
-                    else partial(cached_features, self.cache_dir, self.reference.digest)
-                ),
-                tile_factory=(
-                    None
-                    if self.cache_dir is None
-                    else partial(cached_tile_index, self.cache_dir, self.reference.digest)
-                ),
+                **self._kept_factories(),
             )
         return self._guards[modality]
+
+    def _kept_factories(self) -> dict[str, Any]:
+        """The Guard's factories that keep indexes and costly features in ``guard/``."""
+        if self.cache_dir is None:
+            return {}
+        return {
+            "index_factory": partial(cached_index, self.cache_dir),
+            "features_factory": partial(cached_features, self.cache_dir, self.reference.digest),
+            "tile_factory": partial(cached_tile_index, self.cache_dir, self.reference.digest),
+        }
 
     def manifest_section(self, modality: str) -> dict[str, Any]:
         """What the manifest may say about the calibration (numbers only)."""
