@@ -207,3 +207,21 @@ def test_tile_index_state_is_refused_when_it_does_not_fit(damage: str) -> None:
         target = feats + np.float32(0.5)  # every reference differs, so the sample does too
     with pytest.raises(GuardError, match="kept tile index refused"):
         TileIndex.from_state(target, state)
+
+
+def test_tile_index_state_differing_by_rounding_is_kept_and_a_changed_slice_is_not() -> None:
+    # BLAS may round the projection of 16 spot-check rows differently from the chunk the
+    # index was built in (a CI run found a 1.4e-18 difference); that is not another reference.
+    metric, feats, cand = _windows_problem()
+    state = TileIndex(feats, (16, 16)).state()
+    assert "right_projected" in state
+    nudged = {k: v.copy() for k, v in state.items()}
+    nudged["right_projected"][3, 0] = np.nextafter(nudged["right_projected"][3, 0], np.inf)
+    windows = metric.windows(cand)
+    index = TileIndex.from_state(feats, nudged)
+    want = brute_force_nearest(windows.variants(), feats, k=1)
+    np.testing.assert_array_equal(index.nearest(windows, k=1).sq, want.sq)
+    changed = feats.copy()
+    changed[0, 0] += np.float32(0.05)  # one pixel of the first (spot-checked) reference
+    with pytest.raises(GuardError, match="built on other features"):
+        TileIndex.from_state(changed, state)
