@@ -189,3 +189,73 @@ def test_sample_command_refuses_the_outbox_with_exit_2(trained: NodePaths) -> No
         run_app(app, ["sample", "--home", str(trained.root), "--out",
                       str(trained.outbox), "--modality", "CT", "--count", "1"])
     assert info.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Generator:
+    """A tiny MR generator conditioned on the store's label column: 3 dark to 1 bright."""
+    from node.home import init_home
+
+    paths = init_home(tmp_path_factory.mktemp("labelled") / "home", "site-l")
+    dark, bright = phantoms(36, SIZE, seed=5, bright=0.3), phantoms(12, SIZE, seed=6, bright=0.9)
+    batch = [
+        NewSlice(modality="MR", patient=f"patient-{i % 8}", series=f"s{i % 8}",
+                 position=float(i), source_digest=f"d{i}", instance_key=f"k{i}", pixels=px,
+                 unit="a.u.", scale=1.0, offset=0.0, label=label)
+        for i, (px, label) in enumerate([(p, "dark") for p in dark]
+                                        + [(p, "bright") for p in bright])
+    ]
+    with Store(paths.store) as store:
+        store.add_batch(batch)
+        store.assign_split(0.25, lambda p: p)
+        train = [r.label for r in store.records("train")]
+    config = load_node_config(paths)
+    gen = dataclasses.replace(config.generator, preset="tiny", ae_steps=30, diffusion_steps=30,
+                              conditioning="label", guidance_scale=2.0)
+    train_generator(paths, dataclasses.replace(config, generator=gen), progress=False,
+                    quality=False)
+    generator = load_generator(paths)
+    assert generator.classes == ["bright", "dark"]
+    assert generator.class_counts == [train.count("bright"), train.count("dark")]
+    return generator
+
+
+def test_no_label_draws_each_images_class_in_the_train_proportions(labelled: Generator) -> None:
+    null = len(labelled.classes)
+    drawn = labelled._image_classes(null, seed=4, first=0, n=4000)
+    assert drawn is not None
+    share = np.bincount(drawn, minlength=2) / 4000
+    want = np.asarray(labelled.class_counts) / sum(labelled.class_counts)
+    np.testing.assert_allclose(share, want, atol=0.03)
+    # Seeded per image, like the noise: a later slice of the run draws the same classes.
+    again = labelled._image_classes(null, seed=4, first=100, n=50)
+    assert again is not None and np.array_equal(again, drawn[100:150])
+    other = labelled._image_classes(null, seed=5, first=0, n=4000)
+    assert other is not None and not np.array_equal(other, drawn)
+    # A named label is that label for every image.
+    named = labelled._image_classes(1, seed=4, first=0, n=7)
+    assert named is not None and np.all(named == 1)
+
+
+def test_no_label_samples_each_image_as_its_drawn_label(labelled: Generator) -> None:
+    whole = labelled.sample(8, seed=9, steps=6, batch_size=3)
+    drawn = labelled._image_classes(len(labelled.classes), seed=9, first=0, n=8)
+    assert drawn is not None and 0 < drawn.sum() < 8  # both classes present for this seed
+    for index, name in enumerate(labelled.classes):
+        named = labelled.sample(8, seed=9, steps=6, batch_size=3, label=name)
+        rows = drawn == index
+        np.testing.assert_allclose(whole[rows], named[rows], atol=1e-4)
+        assert not np.allclose(whole[~rows], named[~rows], atol=1e-4)
+
+
+def test_a_checkpoint_without_class_counts_samples_no_label_unconditionally(
+    labelled: Generator,
+) -> None:
+    counts = labelled.class_counts
+    try:
+        labelled.class_counts = []
+        null = len(labelled.classes)
+        drawn = labelled._image_classes(null, seed=0, first=0, n=5)
+        assert drawn is not None and np.all(drawn == null)
+    finally:
+        labelled.class_counts = counts

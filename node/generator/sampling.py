@@ -5,7 +5,9 @@ EMA weights; ``Generator.sample`` draws images with a diffusers scheduler built 
 beta schedule (DPM-Solver++ multistep by default, DDIM, or ancestral DDPM). Same seed, same
 machine: same images — the initial noise of image i is drawn from a generator seeded by
 (seed, i), so it does not depend on the batch size; DDPM's per-step noise comes from a
-generator seeded by (seed, batch). Images come back in the store's normalised space;
+generator seeded by (seed, batch). A label-conditioned generator asked for no label draws
+each image's class from the train split's class proportions, seeded by (seed, i), and applies
+classifier-free guidance to it. Images come back in the store's normalised space;
 :func:`to_physical` maps them to physical units (HU for CT).
 
 What this module must never do: write anything into the outbox. Samples are unscreened; only
@@ -38,6 +40,7 @@ __all__ = ["Generator", "load_generator", "to_physical", "write_unscreened_sampl
 SamplerName = Literal["dpm", "ddim", "ddpm"]
 _NOISE_STREAM = 7001
 _STEP_STREAM = 7002
+_LABEL_STREAM = 7003
 
 
 class Generator:
@@ -58,6 +61,8 @@ class Generator:
         self.counts_by_modality: dict[str, int] = dict(state["counts_by_modality"])
         self.conditioning: str = str(state["conditioning"])
         self.classes: list[str] = list(state["classes"])
+        # Checkpoints written before the counts were kept sample 'no label' unconditionally.
+        self.class_counts: list[int] = [int(c) for c in state.get("class_counts", [])]
         self.checkpoint_digest = checkpoint_digest
         self.train_split_digest: str = str(state["train_split_digest"])
         self.scale_factor = float(state["scale_factor"])
@@ -141,18 +146,38 @@ class Generator:
                              "label")
         return self.classes.index(label)
 
-    def _predict(self, z: torch.Tensor, t: torch.Tensor, cls: int | None) -> Any:
+    def _image_classes(self, cls: int | None, seed: int, first: int, n: int
+                       ) -> np.ndarray | None:
+        """Per image, the class index of images ``first .. first + n``; None: unconditional.
+
+        A label-conditioned generator asked for no label (``cls`` is the null class) draws each
+        image's class from the train proportions, seeded by (seed, i) like its noise."""
+        if cls is None:
+            return None
+        if cls == len(self.classes) and self.conditioning == "label" and sum(self.class_counts) > 0:
+            p = np.asarray(self.class_counts, dtype=np.float64)
+            p /= p.sum()
+            return np.array([
+                np.random.default_rng(step_seed(seed, _LABEL_STREAM, first + i)).choice(
+                    len(p), p=p)
+                for i in range(n)
+            ], dtype=np.int64)
+        return np.full(n, cls, dtype=np.int64)
+
+    def _predict(self, z: torch.Tensor, t: torch.Tensor, classes: np.ndarray | None) -> Any:
         timesteps = t.expand(z.shape[0]).to(self.device)
         with autocast(self.device):
-            if cls is None:
+            if classes is None:
                 return self.unet(z, timesteps).float()
             n = z.shape[0]
-            labels = torch.full((n,), cls, dtype=torch.long, device=self.device)
+            labels = torch.from_numpy(classes).to(self.device)
+            null_index = len(self.classes)
             guidance = self.config.guidance_scale
-            if guidance == 1.0 or cls == len(self.classes):
+            if guidance == 1.0 or bool(np.all(classes == null_index)):
                 return self.unet(z, timesteps, class_labels=labels).float()
-            # Classifier-free guidance: one batched pass with and without the class.
-            null = torch.full_like(labels, len(self.classes))
+            # Classifier-free guidance: one batched pass with and without the class (an image
+            # of the null class gets uncond + g * 0).
+            null = torch.full_like(labels, null_index)
             out = self.unet(torch.cat([z, z]), torch.cat([timesteps, timesteps]),
                             class_labels=torch.cat([labels, null])).float()
             cond, uncond = out[:n], out[n:]
@@ -197,13 +222,14 @@ class Generator:
                     step_seed(seed, _NOISE_STREAM, start + i)))
                 for i in range(n)
             ])
+            classes = self._image_classes(cls, seed, start, n)
             step_gen = torch.Generator().manual_seed(step_seed(seed, _STEP_STREAM, b))
             sched = make_scheduler(cfg, scheduler)
             sched.set_timesteps(steps)
             z = (noise * sched.init_noise_sigma).to(self.device)
             for t in sched.timesteps:
                 model_in = sched.scale_model_input(z, t)
-                pred = self._predict(model_in, t.reshape(1), cls)
+                pred = self._predict(model_in, t.reshape(1), classes)
                 if scheduler == "ddpm":
                     z = sched.step(pred.cpu(), t, z.cpu(), generator=step_gen).prev_sample
                     z = z.to(self.device)

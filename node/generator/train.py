@@ -122,6 +122,9 @@ class TrainingData:
             self.classes = sorted(set(keys))
             lookup = {c: i for i, c in enumerate(self.classes)}
             self.class_index = np.array([lookup[k] for k in keys], dtype=np.int64)
+        #: Train slices per class: sampling draws classes in these proportions.
+        self.class_counts: list[int] = np.bincount(
+            self.class_index, minlength=len(self.classes)).tolist() if self.classes else []
 
 
 def load_training_data(store: Store, conditioning: str) -> tuple[TrainingData, str]:
@@ -206,6 +209,7 @@ class _Run:
             "counts_by_modality": self.data.counts_by_modality,
             "conditioning": self.data.conditioning,
             "classes": self.data.classes,
+            "class_counts": self.data.class_counts,
             "train_split_digest": self.digest,
             "scale_factor": self.scale_factor,
             "wall_s": self.wall_s,
