@@ -31,6 +31,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from machine import CpuShare, machine_line  # noqa: E402
+
+SHARE = CpuShare()  # other processes' CPU use, from import to the record
 DATA = REPO.parent / "shared" / "data"
 CONFIGS = {"denoise": REPO / "bench" / "compare_ct.yaml", "sr": REPO / "bench" / "compare_mr.yaml"}
 CT_SITES = ("covid-ny-sbu", "tcga-luad", "pancreatic-ct-cbct-seg")
@@ -268,9 +272,8 @@ def record(args, config, results, out: Path, wall: float) -> None:  # type: igno
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} {cmd}`. Machine: "
-        f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs "
-        f"(load average {os.getloadavg()[0]:.1f} at the end), Python "
-        f"{platform.python_version()}, CPU only. Network `{st['net']}` {st['net_config']}, "
+        f"{platform.machine()}, {machine_line(SHARE, 'CPU only')}. "
+        f"Network `{st['net']}` {st['net_config']}, "
         f"{st['steps']} steps x batch {st['batch_size']} for every arm, seed {st['seed']}. "
         f"Total wall time {wall:.0f} s. Full report: `{out.relative_to(REPO)}/report.md` "
         "(and report.html).",

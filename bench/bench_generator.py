@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from machine import CpuShare, machine_line  # noqa: E402
+
+SHARE = CpuShare()  # other processes' CPU use, from import to the record
 DATA = REPO.parent / "shared" / "data"
 
 
@@ -277,9 +281,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         f"## generator: {args.label}",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {platform.machine()} {os.cpu_count()}-core CPU,"
-        f" torch threads {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}),"
-        f" device {describe_device(device)}",
+        f"- machine: {platform.machine()}, device {describe_device(device)},"
+        f" {machine_line(SHARE, f'torch threads {threads}')}",
         f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python"
         f" bench/bench_generator.py bench --home {args.home} --label '{args.label}'`",
         f"- model: preset {cfg.preset}, image {data.size}x{data.size}, {data.n} train slices,"

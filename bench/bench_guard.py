@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -41,24 +40,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from machine import CpuShare, machine_line  # noqa: E402
+
+SHARE = CpuShare()  # other processes' CPU use, from import to each record
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "bench" / "RESULTS.md"
 
 
 def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; the machine was shared "
-        "with other jobs during the run, so absolute speeds are pessimistic"
-    )
+    return machine_line(SHARE)
 
 
 def _append(section: str) -> None:

@@ -11,8 +11,6 @@ table and appends a section to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -21,6 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from machine import CpuShare, machine_line  # noqa: E402
 
 FOLDERS = (
     # (folder, ingest options)
@@ -32,22 +32,13 @@ FOLDERS = (
 )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    share = CpuShare()
     if not args.data.is_dir():
         print(f"error: no shared data at {args.data}", file=sys.stderr)
         return 2
@@ -108,10 +99,7 @@ def main() -> int:
         "",
         f"## Ingest speed ({when})",
         "",
-        f"- machine: {os.cpu_count()} CPU cores ({_cpu_model()}), Python "
-        f"{platform.python_version()}, torch {torch.__version__} (CPU), "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; the machine was shared "
-        "with other jobs during the run, so absolute speeds are pessimistic",
+        f"- machine: {machine_line(share, f'torch {torch.__version__} (CPU)')}",
         "- command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ingest.py`",
         "- each folder into a fresh home (image size 64, default settings); 'first' = read,"
         " decode, physical units, normalise, store, split; 're-ingest' = the same folder again"
