@@ -192,7 +192,7 @@ def test_sample_command_refuses_the_outbox_with_exit_2(trained: NodePaths) -> No
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory: pytest.TempPathFactory) -> Generator:
+def labelled_home(tmp_path_factory: pytest.TempPathFactory) -> NodePaths:
     """A tiny MR generator conditioned on the store's label column: 3 dark to 1 bright."""
     from node.home import init_home
 
@@ -217,7 +217,12 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> Generator:
     generator = load_generator(paths)
     assert generator.classes == ["bright", "dark"]
     assert generator.class_counts == [train.count("bright"), train.count("dark")]
-    return generator
+    return paths
+
+
+@pytest.fixture(scope="module")
+def labelled(labelled_home: NodePaths) -> Generator:
+    return load_generator(labelled_home)
 
 
 def test_no_label_draws_each_images_class_in_the_train_proportions(labelled: Generator) -> None:
@@ -259,3 +264,30 @@ def test_a_checkpoint_without_class_counts_samples_no_label_unconditionally(
         assert drawn is not None and np.all(drawn == null)
     finally:
         labelled.class_counts = counts
+
+
+def test_sample_command_draws_one_label_on_request(
+    labelled_home: NodePaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from protocols.cli_support import run_app
+
+    means = {}
+    for name in ("bright", "dark"):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, [
+            "sample", "--home", str(labelled_home.root), "--out", str(out), "--count", "6",
+            "--steps", "6", "--label", name, "--json",
+        ])
+        assert result.exit_code == 0, result.output
+        with np.load(out / "samples.npz") as data:
+            assert str(data["label"]) == name and bool(data["unscreened"])
+            means[name] = float(data["images"].mean())
+    assert means["bright"] > means["dark"]
+    with pytest.raises(SystemExit) as info:
+        run_app(app, ["sample", "--home", str(labelled_home.root), "--out",
+                      str(tmp_path / "x"), "--count", "2", "--steps", "2", "--label", "purple"])
+    assert info.value.code == 2
+    assert "unknown label 'purple'" in capsys.readouterr().err

@@ -32,6 +32,11 @@ def register(app: typer.Typer) -> None:
         modality: Annotated[
             str | None, typer.Option("--modality", help="modality to draw (CT, MR, ...)")
         ] = None,
+        label: Annotated[
+            str | None,
+            typer.Option("--label", help="label-conditioned generator: draw this label only"
+                         " (default: labels in the train proportions)"),
+        ] = None,
         device: Annotated[str | None, typer.Option("--device", help="cpu, cuda")] = None,
         json_out: JsonOption = False,
     ) -> None:
@@ -43,7 +48,7 @@ def register(app: typer.Typer) -> None:
         generator = load_generator(paths, device)
         result = write_unscreened_samples(
             paths, generator, out, count=count, seed=seed, scheduler=scheduler, steps=steps,
-            modality=modality, progress=not json_out,
+            modality=modality, label=label, progress=not json_out,
         )
         emit(
             json_out,

@@ -291,6 +291,7 @@ def write_unscreened_samples(
     steps: int | None = None,
     modality: str | None = None,
     progress: bool = False,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """samples.npz (physical units, flagged unscreened) + samples.png + UNSCREENED.txt."""
     from node.generator.figures import save_grid_png
@@ -315,7 +316,8 @@ def write_unscreened_samples(
         raise UsageError(f"unknown scheduler {scheduler!r}; use dpm, ddim or ddpm",
                          "--scheduler")
     images = generator.sample(count, seed=seed, scheduler=scheduler,  # type: ignore[arg-type]
-                              steps=steps, modality=modality, progress=progress)
+                              steps=steps, modality=modality, progress=progress,
+                              label=label)
     physical, unit = to_physical(paths, images, modality)
     target.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -327,6 +329,7 @@ def write_unscreened_samples(
         modality=np.array(modality),
         unit=np.array(unit),
         seed=np.array(seed),
+        label=np.array(label if label is not None else ""),
         checkpoint_digest=np.array(generator.checkpoint_digest),
     )
     atomic_write_bytes(target / "samples.npz", buffer.getvalue())
@@ -341,6 +344,7 @@ def write_unscreened_samples(
         "unit": unit,
         "seed": seed,
         "scheduler": scheduler,
+        "label": label,
         "unscreened": True,
         "npz": str(target / "samples.npz"),
         "png": str(target / "samples.png"),
