@@ -42,8 +42,9 @@ def distance_histograms_png(
         bins = np.linspace(0.0, top * 1.05, 40)
         for label, v, colour in series:
             if v is not None and len(v):
-                ax.hist(np.asarray(v, dtype=float), bins=bins, alpha=0.5, label=label,
-                        color=colour, density=True)
+                # One artist per series (``stairs``), not one patch per bin: a third of the time.
+                density, _ = np.histogram(np.asarray(v, dtype=float), bins=bins, density=True)
+                ax.stairs(density, bins, fill=True, alpha=0.5, label=label, color=colour)
         ax.axvline(thresholds[name], color="black", linestyle="--", label="threshold")
         ax.set_title(f"{name}\n(above the line: lower bounds)" if name in bounded else name,
                      fontsize=9)
