@@ -164,24 +164,32 @@ class Generator:
             ], dtype=np.int64)
         return np.full(n, cls, dtype=np.int64)
 
-    def _predict(self, z: torch.Tensor, t: torch.Tensor, classes: np.ndarray | None) -> Any:
+    def _predict(self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                 guided: bool) -> Any:
+        """The UNet's prediction; ``labels`` per image (None: unconditional), ``guided``:
+        classifier-free guidance applies (decided once per batch by :meth:`_batch_labels`)."""
         timesteps = t.expand(z.shape[0]).to(self.device)
         with autocast(self.device):
-            if classes is None:
+            if labels is None:
                 return self.unet(z, timesteps).float()
-            n = z.shape[0]
-            labels = torch.from_numpy(classes).to(self.device)
-            null_index = len(self.classes)
-            guidance = self.config.guidance_scale
-            if guidance == 1.0 or bool(np.all(classes == null_index)):
+            if not guided:
                 return self.unet(z, timesteps, class_labels=labels).float()
             # Classifier-free guidance: one batched pass with and without the class (an image
             # of the null class gets uncond + g * 0).
-            null = torch.full_like(labels, null_index)
+            n = z.shape[0]
+            null = torch.full_like(labels, len(self.classes))
             out = self.unet(torch.cat([z, z]), torch.cat([timesteps, timesteps]),
                             class_labels=torch.cat([labels, null])).float()
             cond, uncond = out[:n], out[n:]
-            return uncond + guidance * (cond - uncond)
+            return uncond + self.config.guidance_scale * (cond - uncond)
+
+    def _batch_labels(self, classes: np.ndarray | None) -> tuple[torch.Tensor | None, bool]:
+        """A batch's class indices as a tensor on the device, and whether guidance applies."""
+        if classes is None:
+            return None, False
+        guided = self.config.guidance_scale != 1.0 and not bool(
+            np.all(classes == len(self.classes)))
+        return torch.from_numpy(classes).to(self.device), guided
 
     @torch.no_grad()
     def sample(
@@ -222,14 +230,14 @@ class Generator:
                     step_seed(seed, _NOISE_STREAM, start + i)))
                 for i in range(n)
             ])
-            classes = self._image_classes(cls, seed, start, n)
+            labels, guided = self._batch_labels(self._image_classes(cls, seed, start, n))
             step_gen = torch.Generator().manual_seed(step_seed(seed, _STEP_STREAM, b))
             sched = make_scheduler(cfg, scheduler)
             sched.set_timesteps(steps)
             z = (noise * sched.init_noise_sigma).to(self.device)
             for t in sched.timesteps:
                 model_in = sched.scale_model_input(z, t)
-                pred = self._predict(model_in, t.reshape(1), classes)
+                pred = self._predict(model_in, t.reshape(1), labels, guided)
                 if scheduler == "ddpm":
                     z = sched.step(pred.cpu(), t, z.cpu(), generator=step_gen).prev_sample
                     z = z.to(self.device)
