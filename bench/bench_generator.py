@@ -4,13 +4,17 @@
     python bench/bench_generator.py train --home DIR [--preset cpu] [--ae-steps N]
         [--diffusion-steps N]
     python bench/bench_generator.py bench --home DIR [--label TEXT]
+    python bench/bench_generator.py weighting --home DIR [--diffusion-steps N] [--gamma G]
 
 ``build`` makes a store from ../shared/data without the ingest pipeline (written in parallel):
 MR = brain-tumor-t1c JPEGs (per-slice 0.5 / 99.5 percentiles -> [0, 1], patients from
 patients.csv); CT = the three CT folders, axial slices only, HU via RescaleSlope / Intercept,
 window [-1024, 3071] -> [0, 1]. Slices are box-downsampled to the store's grid. ``bench``
 times both training stages and three samplers on the same trained model and appends the
-figures to bench/RESULTS.md. Outputs stay in the node home (keep it out of the repository).
+figures to bench/RESULTS.md. ``weighting`` trains one autoencoder, then one diffusion
+stage per stage-2 loss weighting (uniform, min_snr) from it, with the same seeds, batches and
+steps, and records both quality reports and a figure of samples of the same seeds side by
+side. Outputs stay in the node home (keep it out of the repository).
 """
 
 from __future__ import annotations
@@ -299,6 +303,136 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def cmd_weighting(args: argparse.Namespace) -> None:
+    """A/B of the stage-2 loss weighting on one autoencoder, in one sitting."""
+    import shutil
+
+    import torch
+
+    from node.config import load_node_config, resolve_home
+    from node.generator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from node.generator.device import choose_device, describe_device
+    from node.generator.sampling import load_generator
+    from node.generator.train import train_generator
+
+    base = resolve_home(args.home)
+    config = load_node_config(base)
+    if args.ae_steps:
+        config.generator.ae_steps = args.ae_steps
+    config.generator.diffusion_steps = args.diffusion_steps
+    config.generator.loss_weighting = "uniform"
+    config.generator.min_snr_gamma = args.gamma
+    ckpt = checkpoint_path(base)
+    started = time.perf_counter()
+    if ckpt.exists():
+        state, _ = load_checkpoint(ckpt)
+        ae_steps = int(state["config"]["ae_steps"])
+        if int(state["step"]) != ae_steps:
+            raise SystemExit(f"{ckpt} is not at the end of its autoencoder stage")
+        print(f"reusing the autoencoder of {ckpt}")
+    else:
+        first = train_generator(base, config, preset=args.preset,
+                                max_steps=_ae_steps(config, args.preset), overwrite=True,
+                                progress=True)
+        ae_steps = int(first["ae_steps"])
+    ae_wall = time.perf_counter() - started
+    arms = [a for a in args.arms.split(",") if a]
+    results: dict[str, dict[str, object]] = {}
+    samples: dict[str, np.ndarray] = {}
+    for arm in arms:
+        home = base.root.parent / f"{base.root.name}-{arm}"
+        if home.exists():
+            shutil.rmtree(home)
+        shutil.copytree(base.root, home, ignore=shutil.ignore_patterns("runs"))
+        paths = resolve_home(str(home))
+        state, _ = load_checkpoint(checkpoint_path(paths))
+        state.pop("format", None)
+        state["config"]["loss_weighting"] = arm
+        state["config"]["min_snr_gamma"] = args.gamma
+        save_checkpoint(checkpoint_path(paths), state)
+        t0 = time.perf_counter()
+        summary = train_generator(paths, load_node_config(paths), resume=True, progress=True)
+        wall = time.perf_counter() - t0
+        results[arm] = {"wall_s": wall, "final": summary["final_losses"],
+                        "quality": summary.get("quality", {}), "run_dir": summary["run_dir"]}
+        samples[arm] = load_generator(paths).sample(args.grid, seed=5, batch_size=16)
+    _weighting_figure(samples, Path(args.figure))
+    threads = torch.get_num_threads()
+    keys = ("intensity_wasserstein", "spectrum_distance", "precision", "recall")
+    lines = [
+        "",
+        f"## Generator: stage-2 loss weighting, uniform against min-SNR (gamma {args.gamma:g}),"
+        f" one autoencoder ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"- machine: {platform.machine()}, device {describe_device(choose_device(None))},"
+        f" {machine_line(SHARE, f'torch threads {threads}')}",
+        f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python"
+        f" bench/bench_generator.py weighting --home {args.home} --preset {args.preset}"
+        f" --diffusion-steps"
+        f" {args.diffusion_steps} --gamma {args.gamma:g}`",
+        f"- preset {args.preset}; autoencoder {ae_steps} steps ({ae_wall:.0f} s, shared by the"
+        f" arms); each arm {args.diffusion_steps} diffusion steps from it, same seeds and"
+        " batches; quality report of each arm as at the end of training",
+        "",
+        "| weighting | diffusion wall s | final v/eps MSE (unweighted) | final loss | "
+        + " | ".join(keys) + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |",
+    ]
+    for arm, r in results.items():
+        final, by_group = r["final"], r["quality"]
+        assert isinstance(final, dict) and isinstance(by_group, dict)
+        quality = next(iter(by_group.values()), {})
+        cells = [f"{float(quality[k]):.4g}" if k in quality else "-" for k in keys]
+        mse = final.get("diffusion_mse", float("nan"))
+        loss = np.mean([x["loss"] for x in _losses(Path(str(r["run_dir"])))[-50:]])
+        lines.append(f"| {arm} | {r['wall_s']:.0f} | {mse:.4f} | {loss:.4f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", f"- samples of both arms, same seeds: `{args.figure}`"]
+    with open(Path(args.results) if args.results else REPO / "bench" / "RESULTS.md", "a",
+              encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps(results, indent=2, default=str))
+
+
+def _losses(run_dir: Path) -> list[dict[str, float]]:
+    from node.generator.train import read_losses
+
+    return [r for r in read_losses(run_dir / "losses.jsonl") if r["stage"] == "diffusion"]
+
+
+def _ae_steps(config: object, preset: str) -> int:
+    from node.generator.presets import resolve_config
+
+    return resolve_config(config.generator, preset).ae_steps  # type: ignore[attr-defined]
+
+
+def _weighting_figure(samples: dict[str, np.ndarray], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(samples)
+    n = min(len(v) for v in samples.values())
+    cols = min(n, 8)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows * len(arms), cols, figsize=(1.6 * cols, 1.7 * rows * len(arms)),
+                             squeeze=False)
+    for a, arm in enumerate(arms):
+        for i in range(rows * cols):
+            ax = axes[a * rows + i // cols, i % cols]
+            ax.axis("off")
+            if i < n:
+                ax.imshow(samples[arm][i], cmap="gray", vmin=0, vmax=1)
+            if i % cols == 0:
+                ax.set_title(arm if i == 0 else "", fontsize=8, loc="left")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -328,6 +462,18 @@ def main() -> None:
     p.add_argument("--count", type=int, default=32)
     p.add_argument("--ddpm-count", type=int, default=4)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("weighting")
+    p.add_argument("--home", required=True, help="a built home; arms go beside it")
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--ae-steps", type=int, default=0, help="0: the preset's")
+    p.add_argument("--diffusion-steps", type=int, default=3000)
+    p.add_argument("--gamma", type=float, default=5.0)
+    p.add_argument("--arms", default="uniform,min_snr")
+    p.add_argument("--grid", type=int, default=24, help="samples per arm in the figure")
+    p.add_argument("--figure", default=str(REPO / "bench" / "figures"
+                                           / "cpu-mr64-loss-weighting.png"))
+    p.add_argument("--results", default="", help="append here instead of bench/RESULTS.md")
+    p.set_defaults(func=cmd_weighting)
     args = parser.parse_args()
     args.func(args)
 

@@ -109,6 +109,7 @@ def test_generated_node_yaml_loads_back_with_nulls_meaning_preset() -> None:
         ({"unet_attention_levels": [True]}, "generator.unet_attention_levels"),
         ({"condition_dropout": 1.5}, "generator.condition_dropout"),
         ({"beta_start": 0.5, "beta_end": 0.1}, "generator.beta_end"),
+        ({"min_snr_gamma": 0.0}, "generator.min_snr_gamma"),
     ],
 )
 def test_impossible_settings_are_refused_naming_the_key(
@@ -124,6 +125,65 @@ def test_wrong_type_in_node_yaml_is_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError) as info:
         from_dict(NodeConfig, {"generator": {"ae_steps": "many"}})
     assert "generator.ae_steps" in info.value.what
+
+
+def test_unknown_loss_weighting_in_node_yaml_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict(NodeConfig, {"generator": {"loss_weighting": "p2"}})
+    assert "generator.loss_weighting" in info.value.what
+
+
+def test_checkpoint_config_without_loss_weighting_loads_as_uniform() -> None:
+    from node.generator.presets import config_from_dict
+
+    old = resolve_config(GeneratorSettings(), "tiny").to_dict()
+    del old["loss_weighting"], old["min_snr_gamma"]
+    cfg = config_from_dict(old)
+    assert (cfg.loss_weighting, cfg.min_snr_gamma) == ("uniform", 5.0)
+    with pytest.raises(ConfigError, match="unknown"):
+        config_from_dict({**old, "loss_weighting": "uniform", "min_snr_gamma": 5.0, "x": 1})
+
+
+@pytest.mark.parametrize(
+    ("prediction", "snr", "weight"),
+    [
+        # v objective: min(SNR, 5) / (SNR + 1)
+        ("v_prediction", 0.25, 0.25 / 1.25),
+        ("v_prediction", 5.0, 5.0 / 6.0),
+        ("v_prediction", 99.0, 5.0 / 100.0),
+        # epsilon objective: min(SNR, 5) / SNR
+        ("epsilon", 0.25, 1.0),
+        ("epsilon", 20.0, 0.25),
+    ],
+)
+def test_min_snr_weight_caps_the_x0_weight_at_gamma(
+    prediction: str, snr: float, weight: float
+) -> None:
+    import torch
+
+    from node.generator.train import loss_weights
+
+    settings = GeneratorSettings(prediction_type=prediction,  # type: ignore[arg-type]
+                                 loss_weighting="min_snr", min_snr_gamma=5.0)
+    cfg = resolve_config(settings, "tiny")
+    alpha = torch.tensor([snr / (1.0 + snr)], dtype=torch.float64)
+    assert float(loss_weights(alpha, cfg)[0]) == pytest.approx(weight, rel=1e-9)
+    uniform = resolve_config(GeneratorSettings(prediction_type=prediction), "tiny")  # type: ignore[arg-type]
+    assert float(loss_weights(alpha, uniform)[0]) == 1.0
+
+
+def test_min_snr_run_logs_weighted_loss_beside_the_plain_mse(node_home: Path) -> None:
+    paths = fill_store(node_home)
+    config = small_config(paths, ae_steps=2, diffusion_steps=3, loss_weighting="min_snr")
+    summary = train_generator(paths, config, progress=False, quality=False)
+    diffusion = [r for r in loss_lines(paths, summary) if r["stage"] == "diffusion"]
+    assert len(diffusion) == 3
+    # tiny predicts epsilon: the weight min(SNR, 5) / SNR is at most 1 and below 1 for the
+    # nearly clean timesteps, so the weighted loss never exceeds the plain MSE.
+    assert all(r["loss"] <= r["mse"] + 1e-9 for r in diffusion)
+    assert any(r["loss"] < r["mse"] for r in diffusion)
+    state, _ = load_checkpoint(checkpoint_path(paths))
+    assert state["config"]["loss_weighting"] == "min_snr"
 
 
 def test_unknown_preset_is_refused() -> None:

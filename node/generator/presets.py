@@ -15,7 +15,13 @@ from typing import Any
 from node.generator.settings import PRESET_NAMES, GeneratorSettings
 from protocols.errors import ConfigError
 
-__all__ = ["PRESETS", "GeneratorConfig", "resolve_config", "config_from_dict"]
+__all__ = ["PRESETS", "GeneratorConfig", "resolve_config", "config_from_dict", "LOSS_WEIGHTINGS"]
+
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
+#: Keys added after checkpoints were first written, with the value that reproduces how those
+#: checkpoints were trained; a checkpoint without them loads with these.
+_LEGACY_DEFAULTS: dict[str, Any] = {"loss_weighting": "uniform", "min_snr_gamma": 5.0}
 
 # tiny: seconds on 2 cores at 32x32..64x64 (tests, demo); cpu: ~1 h on 2 cores at 64x64;
 # gpu: 128x128 and up with bf16 autocast; on an H100 its UNet steps are launch-bound (10.6
@@ -48,6 +54,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "diffusion_batch_size": 16,
         "diffusion_lr": 2e-3,
         "prediction_type": "epsilon",
+        "loss_weighting": "uniform",
+        "min_snr_gamma": 5.0,
         "train_timesteps": 1000,
         "beta_schedule": "scaled_linear",
         "beta_start": 0.0015,
@@ -85,6 +93,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "diffusion_batch_size": 32,
         "diffusion_lr": 5e-4,
         "prediction_type": "v_prediction",
+        "loss_weighting": "uniform",
+        "min_snr_gamma": 5.0,
         "train_timesteps": 1000,
         "beta_schedule": "scaled_linear",
         "beta_start": 0.0015,
@@ -122,6 +132,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "diffusion_batch_size": 256,
         "diffusion_lr": 3e-4,
         "prediction_type": "v_prediction",
+        "loss_weighting": "uniform",
+        "min_snr_gamma": 5.0,
         "train_timesteps": 1000,
         "beta_schedule": "scaled_linear",
         "beta_start": 0.0015,
@@ -167,6 +179,8 @@ class GeneratorConfig:
     diffusion_batch_size: int
     diffusion_lr: float
     prediction_type: str
+    loss_weighting: str
+    min_snr_gamma: float
     train_timesteps: int
     beta_schedule: str
     beta_start: float
@@ -228,6 +242,10 @@ class GeneratorConfig:
                 raise bad(key, "must be in [0, 1)")
         if self.guidance_scale < 0:
             raise bad("guidance_scale", "must be >= 0")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise bad("loss_weighting", f"must be one of {', '.join(LOSS_WEIGHTINGS)}")
+        if not self.min_snr_gamma > 0:
+            raise bad("min_snr_gamma", "must be positive")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise bad("beta_end", "needs 0 < beta_start < beta_end < 1")
         if self.sample_steps > self.train_timesteps:
@@ -254,6 +272,7 @@ def resolve_config(settings: GeneratorSettings, preset: str | None = None) -> Ge
 def config_from_dict(data: dict[str, Any]) -> GeneratorConfig:
     """Rebuild the configuration a checkpoint recorded."""
     names = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    data = {**{k: v for k, v in _LEGACY_DEFAULTS.items() if k not in data}, **data}
     unknown = set(data) - names
     missing = names - set(data)
     if unknown or missing:

@@ -62,6 +62,12 @@ class GeneratorSettings:
     prediction_type: Literal["epsilon", "v_prediction"] | None = setting(
         None, "what the UNet predicts: the noise (epsilon) or the velocity (v_prediction)" + _P
     )
+    loss_weighting: Literal["uniform", "min_snr"] | None = setting(
+        None,
+        "stage 2 loss weight per timestep: uniform, or min_snr (Hang et al. 2023,\n"
+        "arXiv 2303.09556: min(SNR, gamma) over the objective's own SNR weight)" + _P,
+    )
+    min_snr_gamma: float | None = setting(None, "gamma of the min_snr loss weighting" + _P)
     train_timesteps: int | None = setting(None, "diffusion timesteps of the DDPM process" + _P)
     beta_schedule: Literal["linear", "scaled_linear"] | None = setting(
         None, "noise schedule, shared by training and every sampler" + _P

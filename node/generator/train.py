@@ -75,6 +75,21 @@ def batch_indices(seed: int, stage: int, step: int, batch_size: int, n: int) -> 
     return out
 
 
+def loss_weights(alphas_cumprod: torch.Tensor, cfg: GeneratorConfig) -> torch.Tensor:
+    """Per-sample weights of the stage-2 MSE at each sample's ``alphas_cumprod``.
+
+    ``uniform``: 1. ``min_snr`` (Hang et al. 2023, arXiv 2303.09556, eq. 5 and its v form):
+    the objective's MSE already weighs the x0 error by SNR (epsilon) or SNR + 1 (v), so the
+    weight ``min(SNR, gamma) / SNR`` resp. ``min(SNR, gamma) / (SNR + 1)`` caps the x0 weight at
+    gamma: the nearly clean timesteps stop dominating the gradient.
+    """
+    if cfg.loss_weighting == "uniform":
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    capped = torch.clamp(snr, max=cfg.min_snr_gamma)
+    return capped / (snr + 1.0) if cfg.prediction_type == "v_prediction" else capped / snr
+
+
 def lr_lambda_for(total: int, warmup_fraction: float) -> Any:
     warmup = max(1, int(round(total * warmup_fraction)))
 
@@ -359,11 +374,16 @@ class _Run:
         self.unet.train()
         with autocast(self.device):
             pred = self.unet(zt, t, class_labels=labels)
-        loss = (pred.float() - target).pow(2).mean()
+        sq = (pred.float() - target).pow(2)
+        mse = sq.mean()
+        if cfg.loss_weighting == "uniform":
+            loss = mse  # exactly the loss of checkpoints that predate the weighting
+        else:
+            loss = (loss_weights(a.view(-1), cfg) * sq.mean(dim=(1, 2, 3))).mean()
         self.unet_opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = self._clip_and_step(self.unet, self.unet_opt, self.unet_sched, self.unet_ema)
-        return {"mse": float(loss.detach()), "loss": float(loss.detach()), "grad_norm": norm,
+        return {"mse": float(mse.detach()), "loss": float(loss.detach()), "grad_norm": norm,
                 "lr": float(self.unet_sched.get_last_lr()[0])}
 
 
