@@ -340,7 +340,8 @@ def cmd_weighting(args: argparse.Namespace) -> None:
     results: dict[str, dict[str, object]] = {}
     samples: dict[str, np.ndarray] = {}
     for arm in arms:
-        home = base.root.parent / f"{base.root.name}-{arm}"
+        suffix = f"-s{args.seed}" if args.seed is not None else ""
+        home = base.root.parent / f"{base.root.name}-{arm}{suffix}"
         if home.exists():
             shutil.rmtree(home)
         shutil.copytree(base.root, home, ignore=shutil.ignore_patterns("runs"))
@@ -349,6 +350,10 @@ def cmd_weighting(args: argparse.Namespace) -> None:
         state.pop("format", None)
         state["config"]["loss_weighting"] = arm
         state["config"]["min_snr_gamma"] = args.gamma
+        if args.seed is not None:
+            # The autoencoder is trained already: the seed now decides only the diffusion
+            # stage's batches, timesteps and noise, and the quality report's samples.
+            state["config"]["seed"] = args.seed
         save_checkpoint(checkpoint_path(paths), state)
         t0 = time.perf_counter()
         summary = train_generator(paths, load_node_config(paths), resume=True, progress=True)
@@ -369,10 +374,12 @@ def cmd_weighting(args: argparse.Namespace) -> None:
         f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python"
         f" bench/bench_generator.py weighting --home {args.home} --preset {args.preset}"
         f" --diffusion-steps"
-        f" {args.diffusion_steps} --gamma {args.gamma:g}`",
+        f" {args.diffusion_steps} --gamma {args.gamma:g}"
+        + (f" --seed {args.seed}`" if args.seed is not None else "`"),
         f"- preset {args.preset}; autoencoder {ae_steps} steps ({ae_wall:.0f} s, shared by the"
         f" arms); each arm {args.diffusion_steps} diffusion steps from it, same seeds and"
-        " batches; quality report of each arm as at the end of training",
+        " batches; quality report of each arm as at the end of training"
+        + (f"; diffusion-stage seed {args.seed}" if args.seed is not None else ""),
         "",
         "| weighting | diffusion wall s | final v/eps MSE (unweighted) | final loss | "
         + " | ".join(keys) + " |",
@@ -469,6 +476,8 @@ def main() -> None:
     p.add_argument("--diffusion-steps", type=int, default=3000)
     p.add_argument("--gamma", type=float, default=5.0)
     p.add_argument("--arms", default="uniform,min_snr")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the diffusion stages (default: node.yaml's generator seed)")
     p.add_argument("--grid", type=int, default=24, help="samples per arm in the figure")
     p.add_argument("--figure", default=str(REPO / "bench" / "figures"
                                            / "cpu-mr64-loss-weighting.png"))
