@@ -509,7 +509,7 @@ def run_cost(args: argparse.Namespace) -> None:
 - machine: {_machine()}
 - command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
   bench/bench_guard.py cost --home {args.home} --count {args.count} --seed {args.seed}`
-- home: {args.label}
+- home: {args.label or "not described (no --label given)"}
 - guard preparation before the run (reference, calibration, encoder; kept after the first
   run): {prepare_s:.1f} s
 - generate: {run.report["exported"]} exported of {tried} sampled;
