@@ -324,7 +324,8 @@ def cmd_weighting(args: argparse.Namespace) -> None:
     config.generator.min_snr_gamma = args.gamma
     ckpt = checkpoint_path(base)
     started = time.perf_counter()
-    if ckpt.exists():
+    reused = ckpt.exists()
+    if reused:
         state, _ = load_checkpoint(ckpt)
         ae_steps = int(state["config"]["ae_steps"])
         if int(state["step"]) != ae_steps:
@@ -336,6 +337,8 @@ def cmd_weighting(args: argparse.Namespace) -> None:
                                 progress=True)
         ae_steps = int(first["ae_steps"])
     ae_wall = time.perf_counter() - started
+    ae_note = (f"reused from {ckpt}, trained by an earlier run" if reused
+               else f"{ae_wall:.0f} s")
     arms = [a for a in args.arms.split(",") if a]
     results: dict[str, dict[str, object]] = {}
     samples: dict[str, np.ndarray] = {}
@@ -376,7 +379,7 @@ def cmd_weighting(args: argparse.Namespace) -> None:
         f" --diffusion-steps"
         f" {args.diffusion_steps} --gamma {args.gamma:g}"
         + (f" --seed {args.seed}`" if args.seed is not None else "`"),
-        f"- preset {args.preset}; autoencoder {ae_steps} steps ({ae_wall:.0f} s, shared by the"
+        f"- preset {args.preset}; autoencoder {ae_steps} steps ({ae_note}, shared by the"
         f" arms); each arm {args.diffusion_steps} diffusion steps from it, same seeds and"
         " batches; quality report of each arm as at the end of training"
         + (f"; diffusion-stage seed {args.seed}" if args.seed is not None else ""),
