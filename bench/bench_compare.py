@@ -6,7 +6,11 @@
     python bench/bench_compare.py synth --task denoise|sr [--count N]   # arm S's guarded data
     python bench/bench_compare.py run --task denoise|sr [--steps N] [--batch-size N]
         [--arms S,R,L,F,0] [--synthetic guard|none] [--preset cpu|tiny] [--no-record]
-        [--count-per-site N]
+        [--count-per-site N] [--synthetic-dir NAME]
+    python bench/bench_compare.py diagnose --task denoise|sr --kind storemap|recon
+        # stand-ins for arm S that split its gap to R (bench only, never an export):
+        # storemap = each site's real train slices through the store-wide physical mapping
+        # that synthetic images get; recon = the same after the site generator's autoencoder
 
 Sites: CT denoising uses the three CT collections (covid-ny-sbu, tcga-luad,
 pancreatic-ct-cbct-seg) as three sites; MR super-resolution splits brain-tumor-t1c by patient
@@ -154,8 +158,77 @@ def generators(task: str, preset: str, max_steps: int | None, ae_steps: int = 0,
               f"{time.monotonic() - t0:.0f} s")
 
 
-def _synthetic_dir(task: str) -> Path:
-    return REPO / "bench" / "out" / "compare" / ("ct" if task == "denoise" else "mr") / "synthetic"
+def _synthetic_dir(task: str, name: str = "synthetic") -> Path:
+    return REPO / "bench" / "out" / "compare" / ("ct" if task == "denoise" else "mr") / name
+
+
+DIAGNOSTICS = {
+    "storemap": "DIAGNOSTIC stand-in, not synthetic: each site's real train slices mapped to "
+                "physical units by the store-wide mapping that generated images get",
+    "recon": "DIAGNOSTIC stand-in, not synthetic: each site's real train slices encoded and "
+             "decoded by its generator's autoencoder (EMA weights, latent mean), then the "
+             "store-wide mapping that generated images get",
+}
+
+
+def diagnose(task: str, kind: str) -> None:
+    """Stand-ins for arm S that split its gap to arm R into its parts (bench only).
+
+    Arm S's images differ from arm R's in three ways: they pass the store-wide physical
+    mapping instead of each slice's own, the autoencoder, and the diffusion stage. ``storemap``
+    keeps only the first, ``recon`` the first two; run each in place of S with
+    ``run --synthetic-dir synthetic-KIND``. They hold real patients' slices (as arm R does in
+    this simulation) and stay under bench/out: nothing here is a node export.
+    """
+    import io
+
+    import numpy as np
+
+    from protocols.files import atomic_write_bytes, atomic_write_json
+
+    config = _load(task)
+    out = _synthetic_dir(task, f"synthetic-{kind}")
+    out.mkdir(parents=True, exist_ok=True)
+    for site_cfg in config.sites:
+        from node.config import resolve_home
+
+        images, info = stand_in(resolve_home(REPO / site_cfg.home), config.modality, kind)
+        buffer = io.BytesIO()
+        np.save(buffer, images.astype(np.float32), allow_pickle=False)
+        atomic_write_json(out / f"{site_cfg.name}.json", info)
+        atomic_write_bytes(out / f"{site_cfg.name}.npy", buffer.getvalue())
+        print(f"{site_cfg.name}: {len(images)} {kind} images in {info['wall_s']} s"
+              + (f" (autoencoder L1 {info['recon_l1']})" if kind == "recon" else ""))
+
+
+def stand_in(paths, modality: str, kind: str):  # type: ignore[no-untyped-def]
+    """One site's diagnostic set (see ``diagnose``): physical units, info for the record."""
+    import numpy as np
+    import torch
+
+    from node.generator.sampling import load_generator, to_physical
+    from node.store import Store
+
+    t0 = time.monotonic()
+    with Store(paths.store) as store:
+        normalised = store.load(store.records(split="train", modality=modality))
+    info: dict[str, object] = {"source": DIAGNOSTICS[kind], "accepted": int(len(normalised))}
+    if kind == "recon":
+        gen = load_generator(paths, "cpu")
+        parts = []
+        with torch.no_grad():
+            for start in range(0, len(normalised), 64):
+                x = torch.from_numpy(np.ascontiguousarray(normalised[start:start + 64]))
+                rec = gen.autoencoder.reconstruct(x[:, None].float()).clamp(0.0, 1.0)
+                parts.append(rec[:, 0].numpy())
+        recon = np.concatenate(parts).astype(np.float32)
+        info["generator"] = {"preset": gen.config.preset, "steps": gen.steps_trained}
+        info["recon_l1"] = round(float(np.abs(recon - normalised).mean()), 5)
+        normalised = recon
+    images, unit = to_physical(paths, normalised.astype(np.float32), modality)
+    info["unit"] = unit
+    info["wall_s"] = round(time.monotonic() - t0, 1)
+    return images, info
 
 
 def synth(task: str, count: int, seed: int) -> None:
@@ -201,12 +274,12 @@ def synth(task: str, count: int, seed: int) -> None:
         print(f"{site_cfg.name}: {images.shape[0]} guard-accepted images in {info['wall_s']} s")
 
 
-def _cached_source(task: str):  # type: ignore[no-untyped-def]
+def _cached_source(task: str, name: str = "synthetic"):  # type: ignore[no-untyped-def]
     import json
 
     import numpy as np
 
-    folder = _synthetic_dir(task)
+    folder = _synthetic_dir(task, name)
 
     def source(site, count, seed):  # type: ignore[no-untyped-def]
         images = np.load(folder / f"{site.name}.npy")
@@ -245,12 +318,18 @@ def run(args: argparse.Namespace) -> None:
     out = REPO / (args.out or config.out)
     source, label = None, None
     names = [s.name for s in config.sites]
-    cached = all((_synthetic_dir(args.task) / f"{n}.npy").exists() for n in names)
+    folder = _synthetic_dir(args.task, args.synthetic_dir)
+    cached = all((folder / f"{n}.npy").exists() for n in names)
+    if args.synthetic_dir != "synthetic" and not cached:
+        raise SystemExit(f"{folder} lacks a set for every site; make it first (diagnose/synth)")
     if "S" in config.arms and config.synthetic.source == "guard" and cached:
-        source = _cached_source(args.task)
-        label = ("guard-accepted synthetic images from node.guard.run.generate_and_screen at "
+        source = _cached_source(args.task, args.synthetic_dir)
+        kind = args.synthetic_dir.removeprefix("synthetic-")
+        label = (f"{DIAGNOSTICS[kind]}, made by `bench_compare.py diagnose --kind {kind}`"
+                 if kind in DIAGNOSTICS else
+                 "guard-accepted synthetic images from node.guard.run.generate_and_screen at "
                  "each site with the site's own generator, made ahead by `bench_compare.py "
-                 f"synth` and read from {_synthetic_dir(args.task).relative_to(REPO)}")
+                 f"synth` and read from {folder.relative_to(REPO)}")
     t0 = time.monotonic()
     results = run_comparison(config, out, progress=True, synthetic_source=source,
                              synthetic_label=label)
@@ -363,6 +442,12 @@ def main() -> None:
                    help="arm S images per site (default: the config's, 0 = its train count)")
     r.add_argument("--out", default="")
     r.add_argument("--no-record", action="store_true", help="smoke run: do not touch RESULTS.md")
+    r.add_argument("--synthetic-dir", default="synthetic",
+                   help="arm S's cached set under bench/out/compare/TASK (synthetic-storemap /"
+                        " synthetic-recon: the diagnose stand-ins)")
+    d = sub.add_parser("diagnose")
+    d.add_argument("--task", choices=("denoise", "sr"), required=True)
+    d.add_argument("--kind", choices=tuple(DIAGNOSTICS), required=True)
     args = parser.parse_args()
     if args.cmd == "build":
         build(args.task)
@@ -371,6 +456,8 @@ def main() -> None:
                    args.diffusion_steps)
     elif args.cmd == "synth":
         synth(args.task, args.count, args.seed)
+    elif args.cmd == "diagnose":
+        diagnose(args.task, args.kind)
     else:
         run(args)
 
