@@ -171,6 +171,21 @@ DIAGNOSTICS = {
 }
 
 
+def _write_set(out: Path, name: str, images, info: dict[str, object]) -> None:  # type: ignore[no-untyped-def]
+    """One site's cached arm-S set: ``NAME.npy`` (float32) and ``NAME.json``, each atomic."""
+    import io
+    import json
+
+    import numpy as np
+
+    from protocols.files import atomic_write_bytes, atomic_write_json
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(images, dtype=np.float32), allow_pickle=False)
+    atomic_write_json(out / f"{name}.json", json.loads(json.dumps(info, default=str)))
+    atomic_write_bytes(out / f"{name}.npy", buffer.getvalue())
+
+
 def diagnose(task: str, kind: str) -> None:
     """Stand-ins for arm S that split its gap to arm R into its parts (bench only).
 
@@ -180,11 +195,8 @@ def diagnose(task: str, kind: str) -> None:
     ``run --synthetic-dir synthetic-KIND``. They hold real patients' slices (as arm R does in
     this simulation) and stay under bench/out: nothing here is a node export.
     """
-    import io
 
-    import numpy as np
 
-    from protocols.files import atomic_write_bytes, atomic_write_json
 
     config = _load(task)
     out = _synthetic_dir(task, f"synthetic-{kind}")
@@ -193,10 +205,7 @@ def diagnose(task: str, kind: str) -> None:
         from node.config import resolve_home
 
         images, info = stand_in(resolve_home(REPO / site_cfg.home), config.modality, kind)
-        buffer = io.BytesIO()
-        np.save(buffer, images.astype(np.float32), allow_pickle=False)
-        atomic_write_json(out / f"{site_cfg.name}.json", info)
-        atomic_write_bytes(out / f"{site_cfg.name}.npy", buffer.getvalue())
+        _write_set(out, site_cfg.name, images, info)
         print(f"{site_cfg.name}: {len(images)} {kind} images in {info['wall_s']} s"
               + (f" (autoencoder L1 {info['recon_l1']})" if kind == "recon" else ""))
 
@@ -204,7 +213,6 @@ def diagnose(task: str, kind: str) -> None:
 def stand_in(paths, modality: str, kind: str):  # type: ignore[no-untyped-def]
     """One site's diagnostic set (see ``diagnose``): physical units, info for the record."""
     import numpy as np
-    import torch
 
     from node.generator.sampling import load_generator, to_physical
     from node.store import Store
@@ -214,14 +222,8 @@ def stand_in(paths, modality: str, kind: str):  # type: ignore[no-untyped-def]
         normalised = store.load(store.records(split="train", modality=modality))
     info: dict[str, object] = {"source": DIAGNOSTICS[kind], "accepted": int(len(normalised))}
     if kind == "recon":
-        gen = load_generator(paths, "cpu")
-        parts = []
-        with torch.no_grad():
-            for start in range(0, len(normalised), 64):
-                x = torch.from_numpy(np.ascontiguousarray(normalised[start:start + 64]))
-                rec = gen.autoencoder.reconstruct(x[:, None].float()).clamp(0.0, 1.0)
-                parts.append(rec[:, 0].numpy())
-        recon = np.concatenate(parts).astype(np.float32)
+        gen = load_generator(paths)
+        recon = gen.reconstruct(normalised)
         info["generator"] = {"preset": gen.config.preset, "steps": gen.steps_trained}
         info["recon_l1"] = round(float(np.abs(recon - normalised).mean()), 5)
         normalised = recon
@@ -236,11 +238,8 @@ def synth(task: str, count: int, seed: int) -> None:
     the accepted images cached in bench/out (they are synthetic, guard-accepted)."""
     import json
 
-    import numpy as np
-
     from coordinator.restore.compare import _load_site, guarded_synthetic_source, nothing_from
     from privacy.errors import GuardError
-    from protocols.files import atomic_write_bytes, atomic_write_json
 
     config = _load(task)
     out = _synthetic_dir(task)
@@ -265,12 +264,7 @@ def synth(task: str, count: int, seed: int) -> None:
         info["wall_s"] = round(time.monotonic() - t0, 1)
         info["seed"] = seed
         info["count_asked"] = count  # 0: the site's train count
-        import io
-
-        buffer = io.BytesIO()
-        np.save(buffer, images.astype(np.float32), allow_pickle=False)
-        atomic_write_json(out / f"{site_cfg.name}.json", json.loads(json.dumps(info, default=str)))
-        atomic_write_bytes(target, buffer.getvalue())
+        _write_set(out, site_cfg.name, images, info)
         print(f"{site_cfg.name}: {images.shape[0]} guard-accepted images in {info['wall_s']} s")
 
 

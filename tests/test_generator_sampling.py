@@ -291,3 +291,15 @@ def test_sample_command_draws_one_label_on_request(
                       str(tmp_path / "x"), "--count", "2", "--steps", "2", "--label", "purple"])
     assert info.value.code == 2
     assert "unknown label 'purple'" in capsys.readouterr().err
+
+
+def test_reconstruct_returns_clipped_images_in_input_order_whatever_the_batch(
+    generator: Generator,
+) -> None:
+    images = phantoms(5, SIZE, seed=9, bright=0.7)
+    whole = generator.reconstruct(images, batch_size=64)
+    assert whole.shape == images.shape and whole.dtype == np.float32
+    assert whole.min() >= 0.0 and whole.max() <= 1.0
+    np.testing.assert_allclose(generator.reconstruct(images, batch_size=2), whole, atol=1e-5)
+    np.testing.assert_allclose(generator.reconstruct(images[3:4]), whole[3:4], atol=1e-5)
+    assert generator.reconstruct(images[:0]).shape == (0, SIZE, SIZE)

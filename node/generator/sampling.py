@@ -249,6 +249,19 @@ class Generator:
         return out
 
     @torch.no_grad()
+    def reconstruct(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Normalised images through the EMA autoencoder (latent mean), clipped to [0, 1]:
+        what stage 1 alone keeps of them (a diagnostic; never screened, never exported)."""
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size],
+                                                      dtype=np.float32))
+            with autocast(self.device):
+                rec = self.autoencoder.reconstruct(x.unsqueeze(1).to(self.device))
+            chunks.append(rec.float().clamp(0.0, 1.0)[:, 0].cpu().numpy())
+        return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:]), np.float32)
+
+    @torch.no_grad()
     def features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Site-trained feature space for precision / recall: the EMA encoder's latent means,
         average-pooled to 4x4 per channel and flattened."""
