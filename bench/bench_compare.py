@@ -239,19 +239,27 @@ def synth(task: str, count: int, seed: int) -> None:
     import json
 
     from coordinator.restore.compare import _load_site, guarded_synthetic_source, nothing_from
+    from node.config import resolve_home
+    from node.generator.checkpoint import checkpoint_path
     from privacy.errors import GuardError
+    from protocols.files import sha256_file
 
     config = _load(task)
     out = _synthetic_dir(task)
     for site_cfg in config.sites:
         target = out / f"{site_cfg.name}.npy"
         meta = out / f"{site_cfg.name}.json"
+        ckpt = checkpoint_path(resolve_home(REPO / site_cfg.home))
+        # a cached set is reused only for the same count, seed and generator checkpoint
+        key = {"count_asked": count, "seed": seed,
+               "generator_sha256": sha256_file(ckpt) if ckpt.exists() else None}
         if target.exists() and meta.exists():
-            asked = json.loads(meta.read_text(encoding="utf-8")).get("count_asked", 0)
-            if asked == count:
+            made = json.loads(meta.read_text(encoding="utf-8"))
+            stale = {k: made.get(k) for k, v in key.items() if made.get(k) != v}
+            if not stale:
                 print(f"{site_cfg.name}: cached {target}")
                 continue
-            print(f"{site_cfg.name}: the cached set was made for --count {asked}; remaking it")
+            print(f"{site_cfg.name}: the cached set was made with {stale}; remaking it")
         from dataclasses import replace
 
         site = _load_site(replace(site_cfg, home=str(REPO / site_cfg.home)), config.modality)
@@ -262,8 +270,7 @@ def synth(task: str, count: int, seed: int) -> None:
         except GuardError as exc:  # the site's generator copies: it sends nothing
             images, info = nothing_from(site, exc)
         info["wall_s"] = round(time.monotonic() - t0, 1)
-        info["seed"] = seed
-        info["count_asked"] = count  # 0: the site's train count
+        info.update(key)  # count_asked 0: the site's train count
         _write_set(out, site_cfg.name, images, info)
         print(f"{site_cfg.name}: {images.shape[0]} guard-accepted images in {info['wall_s']} s")
 
