@@ -233,29 +233,38 @@ def stand_in(paths, modality: str, kind: str):  # type: ignore[no-untyped-def]
     return images, info
 
 
+def _checkpoint_digest(site_cfg) -> str | None:  # type: ignore[no-untyped-def]
+    """sha256 of the site generator's checkpoint file (as its provenance records it)."""
+    from node.config import resolve_home
+    from node.generator.checkpoint import checkpoint_path
+    from protocols.files import sha256_file
+
+    ckpt = checkpoint_path(resolve_home(REPO / site_cfg.home))
+    return sha256_file(ckpt) if ckpt.exists() else None
+
+
 def synth(task: str, count: int, seed: int) -> None:
     """Arm S's data, made ahead of the run: generate_and_screen at each site (real guard),
     the accepted images cached in bench/out (they are synthetic, guard-accepted)."""
     import json
 
     from coordinator.restore.compare import _load_site, guarded_synthetic_source, nothing_from
-    from node.config import resolve_home
-    from node.generator.checkpoint import checkpoint_path
     from privacy.errors import GuardError
-    from protocols.files import sha256_file
 
     config = _load(task)
     out = _synthetic_dir(task)
     for site_cfg in config.sites:
         target = out / f"{site_cfg.name}.npy"
         meta = out / f"{site_cfg.name}.json"
-        ckpt = checkpoint_path(resolve_home(REPO / site_cfg.home))
-        # a cached set is reused only for the same count, seed and generator checkpoint
-        key = {"count_asked": count, "seed": seed,
-               "generator_sha256": sha256_file(ckpt) if ckpt.exists() else None}
+        key = {"count_asked": count, "seed": seed}
         if target.exists() and meta.exists():
+            # reused only for the same count, seed and generator checkpoint (the provenance's
+            # checkpoint_digest is the sha256 of the checkpoint file's bytes)
             made = json.loads(meta.read_text(encoding="utf-8"))
-            stale = {k: made.get(k) for k, v in key.items() if made.get(k) != v}
+            made_with = {**{k: made.get(k) for k in key},
+                         "checkpoint_digest": made.get("generator", {}).get("checkpoint_digest")}
+            wanted = {**key, "checkpoint_digest": _checkpoint_digest(site_cfg)}
+            stale = {k: v for k, v in made_with.items() if v != wanted[k]}
             if not stale:
                 print(f"{site_cfg.name}: cached {target}")
                 continue
@@ -269,6 +278,7 @@ def synth(task: str, count: int, seed: int) -> None:
             images, info = guarded_synthetic_source(site, n, seed)
         except GuardError as exc:  # the site's generator copies: it sends nothing
             images, info = nothing_from(site, exc)
+            info["generator"] = {"checkpoint_digest": _checkpoint_digest(site_cfg)}
         info["wall_s"] = round(time.monotonic() - t0, 1)
         info.update(key)  # count_asked 0: the site's train count
         _write_set(out, site_cfg.name, images, info)
