@@ -313,6 +313,10 @@ def run(args: argparse.Namespace) -> None:
         overrides["steps"] = args.steps
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
+    if args.train_seed is not None:
+        overrides["seed"] = args.train_seed
+    if args.lr_schedule:
+        overrides["lr_schedule"] = args.lr_schedule
     if args.preset:
         overrides["preset"] = args.preset
     if args.arms:
@@ -364,7 +368,8 @@ def record(args, config, results, out: Path, wall: float) -> None:  # type: igno
         f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} {cmd}`. Machine: "
         f"{platform.machine()}, {machine_line(SHARE, 'CPU only')}. "
         f"Network `{st['net']}` {st['net_config']}, "
-        f"{st['steps']} steps x batch {st['batch_size']} for every arm, seed {st['seed']}. "
+        f"{st['steps']} steps x batch {st['batch_size']} for every arm, seed {st['seed']}, "
+        f"learning rate {st['lr']} {st.get('lr_schedule', 'constant')}. "
         f"Total wall time {wall:.0f} s. Full report: `{out.relative_to(REPO)}/report.md` "
         "(and report.html).",
         "",
@@ -445,6 +450,9 @@ def main() -> None:
     r.add_argument("--task", choices=("denoise", "sr"), required=True)
     r.add_argument("--steps", type=int, default=0)
     r.add_argument("--batch-size", type=int, default=0)
+    r.add_argument("--train-seed", type=int, default=None,
+                   help="network initialisation and batch order seed of every arm")
+    r.add_argument("--lr-schedule", choices=("cosine", "constant"), default=None)
     r.add_argument("--preset", choices=("tiny", "cpu", "gpu"), default=None)
     r.add_argument("--arms", default="")
     r.add_argument("--rounds", type=int, default=0)

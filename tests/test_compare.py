@@ -189,3 +189,35 @@ def test_bench_configs_load_and_name_real_sites() -> None:
         assert config.task == task and len(config.sites) == 3
         assert config.synthetic.source == "guard"  # real guarded synthetic data, never a stand-in
         assert config.margins == {"psnr_db": 0.5, "ssim": 0.01}
+
+
+def test_a_model_made_with_another_schedule_or_before_it_existed_is_not_reused(
+    homes: list[Path], tmp_path: Path
+) -> None:
+    import io
+
+    import torch
+
+    out = tmp_path / "r"
+    cosine = load_compare_config(write_config(tmp_path, homes, arms=["R", "0"]))
+    assert cosine.lr_schedule == "cosine"
+    first = run_comparison(cosine, out, progress=False)
+    assert "reused" not in first["timings_s"]["R"]
+    constant = load_compare_config(write_config(tmp_path, homes, arms=["R", "0"],
+                                                lr_schedule="constant"))
+    second = run_comparison(constant, out, progress=False)
+    assert "reused" not in second["timings_s"]["R"]
+    assert second["per_image"]["R"] != first["per_image"]["R"]
+    # a file written before lr_schedule was recorded (constant-rate training) is retrained
+    path = out / "models" / "R.pt"
+    state = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
+    for key in ("lr_schedule", "schedule_offset", "schedule_steps"):
+        del state["train"][key]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path.write_bytes(buffer.getvalue())
+    third = run_comparison(constant, out, progress=False)
+    assert "reused" not in third["timings_s"]["R"]
+    assert third["per_image"]["R"] == second["per_image"]["R"]  # seeded: the same run again
+    fourth = run_comparison(constant, out, progress=False)
+    assert fourth["timings_s"]["R"].get("reused") == 1.0

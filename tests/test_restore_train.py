@@ -18,6 +18,7 @@ import coordinator.restore.train as train_mod
 from coordinator.restore.degrade import DegradationConfig
 from coordinator.restore.train import (
     Normalisation,
+    learning_rate,
     load_model,
     make_pairs,
     model_bytes,
@@ -79,6 +80,33 @@ def test_training_lowers_the_loss(tmp_path: Path) -> None:
     assert [x["step"] for x in lines] == [9, 19, 29, 39, 49, 59]
     assert lines[-1]["loss_mse"] < lines[0]["loss_mse"]
     assert summary["final_loss_mse"] == lines[-1]["loss_mse"]
+
+
+def test_cosine_rate_decays_to_zero_and_fedavg_slices_follow_one_schedule(
+    tmp_path: Path,
+) -> None:
+    s = replace(settings_for("srcnn", "sr", "MR", "tiny"), steps=40, log_every=1)
+    assert s.lr_schedule == "cosine"
+    rates = [learning_rate(s, k) for k in range(s.steps)]
+    assert rates[0] == s.lr
+    assert all(b < a for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[-1] < 0.01 * s.lr
+    assert learning_rate(s, 20) == pytest.approx(s.lr / 2)
+    # four FedAvg rounds of 10 local steps run the 40-step schedule slice by slice
+    sliced = [learning_rate(replace(s, steps=10, schedule_offset=10 * r, schedule_steps=40), k)
+              for r in range(4) for k in range(10)]
+    assert sliced == pytest.approx(rates)
+    with pytest.raises(ValueError, match="run past"):
+        replace(s, steps=10, schedule_offset=35, schedule_steps=40)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        replace(s, lr_schedule="step")
+    constant = replace(s, lr_schedule="constant")
+    assert {learning_rate(constant, k) for k in range(s.steps)} == {s.lr}
+    # the rate the optimiser used is the one logged
+    inputs, targets = tiny_pairs("sr")
+    train_network(inputs, targets, s, tmp_path, progress=False)
+    logged = [json.loads(x)["lr"] for x in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(rates)
 
 
 def test_model_file_rebuilds_the_same_network(tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option("--steps", help="override the preset's steps")
         ] = None,
         seed: Annotated[int, typer.Option("--seed", help="initialisation seed")] = 0,
+        lr_schedule: Annotated[
+            str, typer.Option("--lr-schedule", help="cosine (decay to zero) | constant")
+        ] = "cosine",
         device: Annotated[
             str | None, typer.Option("--device", help="cpu, cuda, cuda:N (default: best)")
         ] = None,
@@ -50,6 +53,11 @@ def register(app: typer.Typer) -> None:
         if name not in NETWORKS:
             raise UsageError(f"unknown network {name!r}: use {', '.join(sorted(NETWORKS))}",
                              "--net")
+        from coordinator.restore.train import LR_SCHEDULES
+
+        if lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"unknown schedule {lr_schedule!r}: use {' or '.join(LR_SCHEDULES)}",
+                             "--lr-schedule")
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         paths = resolve_coordinator_home(home)
@@ -60,6 +68,7 @@ def register(app: typer.Typer) -> None:
         summary = train_from_pool(
             pool_dir, task, name, out_dir, preset=preset, resume=resume, overwrite=overwrite,
             steps=steps, seed=seed, device=device, progress=not json_out,
+            lr_schedule=lr_schedule,
         )
         import os
 

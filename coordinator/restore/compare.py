@@ -90,6 +90,9 @@ class CompareConfig:
     steps: int = setting(0, "optimiser steps of every arm; 0 = the preset's")
     batch_size: int = setting(0, "batch size of every arm; 0 = the preset's")
     seed: int = setting(0, "network initialisation and batch order seed (every arm)")
+    lr_schedule: Literal["cosine", "constant"] = setting(
+        "cosine", "Adam's rate: cosine decay to zero over the steps, or constant (every arm)"
+    )
     eval_seed: int = setting(0, "degradation seed of the evaluation")
     train_seed: int = setting(1, "degradation seed of the training pairs")
     arms: list[str] = setting(list(ARMS), "arms to run, of S R L F 0")
@@ -247,6 +250,7 @@ def _settings(config: CompareConfig) -> Any:
         config.net or default_net(config.task), config.task, config.modality, config.preset,
         steps=config.steps or None, batch_size=config.batch_size or None, seed=config.seed,
         degradation=degradation, net_config=dict(config.net_config),
+        lr_schedule=config.lr_schedule,
         ct_window_hu=(float(config.ct_window_hu[0]), float(config.ct_window_hu[1])),
     )
 
@@ -270,6 +274,7 @@ def run_comparison(
     from coordinator.restore.report import write_report
     from coordinator.restore.stats import describe, paired_comparison
     from coordinator.restore.train import (
+        MODEL_FILE_TOP_LEVEL,
         Normalisation,
         data_digest,
         load_model,
@@ -318,7 +323,10 @@ def run_comparison(
         except UsageError:
             return None
         train = dict(info.get("train", {}))
-        same = all(train.get(k) == v for k, v in wanted_settings.items() if k in train)
+        # every recorded training setting must be there and equal: a model file from before a
+        # setting existed (e.g. lr_schedule) was made another way and is not reused
+        same = all(k in train and train[k] == v for k, v in wanted_settings.items()
+                   if k not in MODEL_FILE_TOP_LEVEL)
         same = same and info["net_config"] == wanted_settings["net_config"]
         same = same and info["degradation"] == wanted_settings["degradation"]
         if not same or info.get("data", {}).get("data_digest") != digest:

@@ -8,7 +8,10 @@ weights and its number of examples; the strategy averages weights by example cou
 Step budget: ``rounds * local_steps * n_sites`` equals the other arms' step count when
 ``budget="summed"`` (the same number of gradient steps, hence the same compute and the same
 number of image presentations, as the pooled arms); with ``budget="per-site"`` every site runs
-the full budget (``rounds * local_steps`` = steps), i.e. n_sites times the compute.
+the full budget (``rounds * local_steps`` = steps), i.e. n_sites times the compute. The learning
+rate follows one schedule over the rounds (``rounds * local_steps`` local steps long): round r's
+local steps run its r-th slice, so a cosine decay ends at zero in the last round as it does for
+the pooled arms.
 
 The site data reach the ClientApps as files in a private work folder (one ``site-<i>.npz`` per
 SuperNode); the simulation runs in this process and Ray actors on this machine only. Nothing here
@@ -25,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["plan_rounds", "train_fedavg"]
+__all__ = ["plan_rounds", "shared_settings", "local_settings", "train_fedavg"]
 
 
 def plan_rounds(
@@ -43,25 +46,45 @@ def plan_rounds(
     return rounds, max(1, per_site // rounds)
 
 
+def shared_settings(settings: Any, n_rounds: int, local_steps: int) -> dict[str, Any]:
+    """The settings every site receives (JSON types): the schedule spans all rounds."""
+    from coordinator.restore.train import _settings_dict
+
+    return {**_settings_dict(settings), "schedule_offset": 0,
+            "schedule_steps": n_rounds * local_steps}
+
+
+def local_settings(
+    settings_dict: dict[str, Any], local_steps: int, server_round: int, partition: int
+) -> Any:
+    """A site's TrainSettings for one round (``server_round`` counts from 1)."""
+    from coordinator.restore.train import TrainSettings
+
+    local = dict(settings_dict)
+    local["steps"] = local_steps
+    # A different batch order in every round and at every site, reproducible.
+    local["seed"] = int(settings_dict["seed"]) * 10_007 + server_round * 101 + partition
+    # one learning-rate schedule over all rounds: round r runs its slice of it
+    local["schedule_offset"] = (server_round - 1) * local_steps
+    local["checkpoint_every"] = local_steps
+    local["log_every"] = local_steps
+    return TrainSettings(**local)
+
+
 def _client_train(msg: Any, context: Any) -> Any:
     """The ClientApp's train handler: local steps on this SuperNode's own pairs."""
     import torch
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-    from coordinator.restore.train import TrainSettings, train_network
+    from coordinator.restore.train import train_network
 
     cfg = msg.content["config"]
     partition = int(context.node_config["partition-id"])
     data = np.load(Path(str(cfg["data-dir"])) / f"site-{partition}.npz")
-    settings_dict = json.loads(str(cfg["settings"]))
-    server_round = int(cfg["server-round"])
-    local = dict(settings_dict)
-    local["steps"] = int(cfg["local-steps"])
-    # A different batch order in every round and at every site, reproducible.
-    local["seed"] = int(settings_dict["seed"]) * 10_007 + server_round * 101 + partition
-    local["checkpoint_every"] = local["steps"]
-    local["log_every"] = local["steps"]
-    settings = TrainSettings(**local)
+    settings = local_settings(
+        json.loads(str(cfg["settings"])), int(cfg["local-steps"]), int(cfg["server-round"]),
+        partition,
+    )
     torch.set_num_threads(1)
     state = msg.content["arrays"].to_torch_state_dict()
     net, summary = train_network(
@@ -111,7 +134,6 @@ def train_fedavg(
     from flwr.simulation import run_simulation
 
     from coordinator.restore.nets import build_network
-    from coordinator.restore.train import _settings_dict
 
     n_sites = len(site_pairs)
     if n_sites < 2:
@@ -138,7 +160,7 @@ def train_fedavg(
             grid=grid, initial_arrays=initial, num_rounds=n_rounds,
             train_config=ConfigRecord({
                 "data-dir": str(work_dir), "local-steps": local_steps,
-                "settings": json.dumps(_settings_dict(settings)),
+                "settings": json.dumps(shared_settings(settings, n_rounds, local_steps)),
             }),
         )
         outcome["arrays"] = result.arrays

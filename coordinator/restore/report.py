@@ -92,7 +92,8 @@ def markdown_report(results: dict[str, Any], figures: dict[str, str]) -> str:
         f"# Restoration comparison: {cfg['task']} ({cfg['modality']})",
         "",
         f"Network `{st['net']}` {st['net_config']}; every arm: {st['steps']} optimiser steps, "
-        f"batch {st['batch_size']}, Adam lr {st['lr']}, initialisation / batch-order seed "
+        f"batch {st['batch_size']}, Adam lr {st['lr']} ({st.get('lr_schedule', 'constant')}), "
+        "initialisation / batch-order seed "
         f"{st['seed']}, training degradation seed {cfg['train_seed']}, evaluation degradation "
         f"seed {cfg['eval_seed']}. Degradation: `{st['degradation']}`. "
         f"Total wall time {results['wall_s']} s.",

@@ -13,7 +13,15 @@ normalised to), applied identically to its degraded input.
 Habits shared with the generator's training: one checkpoint file written atomically
 (``protocols.files``; loaded back with ``torch.load(weights_only=True)``: data, never code),
 ``--resume`` continues the exact same run (batch order and augmentation depend on (seed, step)
-only), a progress bar on stderr, one JSON line of losses per logged step. Multi-GPU runs go
+only), a progress bar on stderr, one JSON line of losses per logged step.
+
+Learning rate: Adam, by default with a cosine decay from the preset's rate to zero over the run
+(``lr_schedule: cosine``), so the model kept at the end is the low-noise end of a decayed run and
+not one noisy iterate of a constant rate (comparisons of arms are only as precise as that).
+The rate is a pure function of the step (``learning_rate``), so ``--resume`` needs no scheduler
+state; FedAvg's local runs use ``schedule_offset`` / ``schedule_steps`` to follow one global
+schedule across rounds. ``lr_schedule: constant`` keeps the rate fixed (model files made before
+2026-12-06 were trained that way). Multi-GPU runs go
 through ``torchrun`` only: when torchrun's environment is present, the process group is
 initialised, batches come from a ``DistributedSampler`` and rank 0 alone writes files.
 """
@@ -50,6 +58,9 @@ __all__ = [
     "TrainSettings",
     "Normalisation",
     "settings_for",
+    "learning_rate",
+    "LR_SCHEDULES",
+    "MODEL_FILE_TOP_LEVEL",
     "make_pairs",
     "train_network",
     "save_model",
@@ -62,6 +73,9 @@ __all__ = [
 ]
 
 MODEL_FORMAT = "synthfed-restore-model/1"
+LR_SCHEDULES = ("cosine", "constant")
+# settings a model file holds at its top level; the others are under "train"
+MODEL_FILE_TOP_LEVEL = ("net", "net_config", "task", "modality", "degradation", "normalisation")
 CHECKPOINT_FORMAT = "synthfed-restore-checkpoint/1"
 
 
@@ -157,6 +171,9 @@ class TrainSettings:
     log_every: int = 25
     checkpoint_every: int = 250
     flips: bool = True
+    lr_schedule: str = "cosine"
+    schedule_offset: int = 0  # steps of the global schedule already run (FedAvg rounds)
+    schedule_steps: int = 0  # length of the global schedule; 0 = steps
     degradation: dict[str, Any] = field(default_factory=dict)
     normalisation: dict[str, Any] = field(default_factory=dict)
 
@@ -167,6 +184,30 @@ class TrainSettings:
             raise ValueError("steps and batch_size must be >= 1")
         if not self.lr > 0:
             raise ValueError("lr must be > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {list(LR_SCHEDULES)}, not {self.lr_schedule!r}"
+            )
+        if self.schedule_offset < 0 or self.schedule_steps < 0:
+            raise ValueError("schedule_offset and schedule_steps must be >= 0")
+        if self.schedule_steps and self.schedule_offset + self.steps > self.schedule_steps:
+            raise ValueError(
+                f"steps {self.schedule_offset}..{self.schedule_offset + self.steps} run past "
+                f"the schedule's {self.schedule_steps}"
+            )
+
+
+def learning_rate(settings: TrainSettings, step: int) -> float:
+    """The rate of local step ``step`` (0-based): a pure function, so resume needs no state.
+
+    cosine: ``lr * (1 + cos(pi * t / T)) / 2`` with ``t = schedule_offset + step`` and ``T`` the
+    schedule's length, from the full rate at t = 0 to about ``lr * (pi / 2T)**2`` at the last step.
+    """
+    if settings.lr_schedule == "constant":
+        return settings.lr
+    total = settings.schedule_steps or settings.steps
+    t = settings.schedule_offset + step
+    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
 
 
 def settings_for(
@@ -181,6 +222,7 @@ def settings_for(
     degradation: DegradationConfig | None = None,
     ct_window_hu: tuple[float, float] = CT_WINDOW_HU,
     net_config: dict[str, Any] | None = None,
+    lr_schedule: str = "cosine",
 ) -> TrainSettings:
     """Resolved settings of a preset, with explicit overrides."""
     if preset not in PRESETS:
@@ -200,7 +242,7 @@ def settings_for(
     return TrainSettings(
         net=net, task=task, modality=modality, net_config=cfg, preset=preset,
         steps=total, batch_size=batch_size or p.batch_size, lr=p.lr, seed=seed,
-        log_every=max(1, min(p.log_every, total)),
+        lr_schedule=lr_schedule, log_every=max(1, min(p.log_every, total)),
         checkpoint_every=max(1, min(p.checkpoint_every, total)),
         degradation=deg.to_dict(),
         normalisation=Normalisation.for_modality(modality, ct_window_hu).to_dict(),
@@ -465,6 +507,9 @@ def train_network(
                 if settings.flips:
                     x, y = _augment(x, y, settings.seed, step)
                 x, y = x.to(dist_info.device), y.to(dist_info.device)
+                rate = learning_rate(settings, step)
+                for group in optimiser.param_groups:
+                    group["lr"] = rate
                 optimiser.zero_grad(set_to_none=True)
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 loss.backward()  # type: ignore[no-untyped-call]
@@ -477,7 +522,7 @@ def train_network(
                 if losses_file is not None and (done % settings.log_every == 0
                                                 or done == settings.steps):
                     losses_file.write(json.dumps({
-                        "step": step, "loss_mse": float(np.mean(recent)),
+                        "step": step, "loss_mse": float(np.mean(recent)), "lr": rate,
                         "wall_s": round(time.monotonic() - t0, 3),
                     }, sort_keys=True) + "\n")
                     losses_file.flush()
@@ -540,8 +585,7 @@ def model_state(
 ) -> dict[str, Any]:
     """The content of a model file (plain types and tensors only)."""
     train_info = {k: v for k, v in _settings_dict(settings).items()
-                  if k not in ("net", "net_config", "task", "modality", "degradation",
-                               "normalisation")}
+                  if k not in MODEL_FILE_TOP_LEVEL}
     train_info.update(json.loads(json.dumps(summary or {}, default=str)))
     return {
         "net": settings.net,
@@ -580,6 +624,7 @@ def train_from_pool(
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
+    lr_schedule: str = "cosine",
 ) -> dict[str, Any]:
     """Train ``net`` for ``task`` on a pool (contract D) only; writes out_dir/model.pt."""
     from coordinator.pool import load_pool
@@ -596,7 +641,8 @@ def train_from_pool(
     if overwrite and not resume:
         for name in ("checkpoint.pt", "model.pt", "losses.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
-    settings = settings_for(net, task, modality, preset, steps=steps, seed=seed)
+    settings = settings_for(net, task, modality, preset, steps=steps, seed=seed,
+                            lr_schedule=lr_schedule)
     clean = np.asarray(images, dtype=np.float32)
     inputs, targets, _, _ = make_pairs(
         clean, DegradationConfig.from_dict(settings.degradation),
