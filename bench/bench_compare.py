@@ -195,9 +195,6 @@ def diagnose(task: str, kind: str) -> None:
     ``run --synthetic-dir synthetic-KIND``. They hold real patients' slices (as arm R does in
     this simulation) and stay under bench/out: nothing here is a node export.
     """
-
-
-
     config = _load(task)
     out = _synthetic_dir(task, f"synthetic-{kind}")
     out.mkdir(parents=True, exist_ok=True)
@@ -431,6 +428,99 @@ def record(args, config, results, out: Path, wall: float) -> None:  # type: igno
     print("\n".join(lines))
 
 
+def seeds(reports: list[str], record_it: bool) -> None:
+    """Several runs of one comparison (training or synthesis seeds) read together.
+
+    Each report's per-image figures are those of one trained model per arm, i.e. one draw of
+    its training noise. Here every arm's per-image PSNR / SSIM is averaged over the runs (same
+    holdout images, same degraded inputs: checked), which estimates what the arm's training
+    procedure gives an image, and the paired tests run on those means. Each run's own
+    differences are listed beside them, so the spread the mean hides stays visible.
+    """
+    import json
+
+    import numpy as np
+
+    from coordinator.restore.compare import COMPARISONS
+    from coordinator.restore.stats import paired_comparison
+
+    runs = []
+    for folder in reports:
+        path = REPO / folder / "results.json" if not Path(folder).is_absolute() else \
+            Path(folder) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no results.json")
+        runs.append((folder, json.loads(path.read_text(encoding="utf-8"))))
+    if len(runs) < 2:
+        raise SystemExit("give at least two report folders")
+    first = runs[0][1]
+    for folder, r in runs[1:]:
+        if r["per_image"].get("0") != first["per_image"].get("0"):
+            raise SystemExit(f"{folder}: other holdout images or degraded inputs than "
+                             f"{runs[0][0]}; runs must share the evaluation")
+    names = [s["name"] for s in first["sites"]]
+    arms = [a for a in ("S", "R", "L", "F", "0") if all(a in r["per_image"] for _, r in runs)]
+    margins = first["config"]["margins"]
+    metrics = ("psnr_db", "ssim")
+
+    def values(r: dict, arm: str, m: str, site: str | None = None) -> np.ndarray:  # type: ignore[type-arg]
+        sites = [site] if site else names
+        return np.array([v for n in sites for v in r["per_image"][arm][n][m]])
+
+    lines = ["", f"## Restoration comparison over {len(runs)} runs, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             f"Command: `python bench/bench_compare.py {' '.join(sys.argv[1:])}`. Runs "
+             "(training seed, learning-rate schedule, arm S's synthesis seed):", ""]
+    for folder, r in runs:
+        st = r["settings"]
+        syn = {v.get("seed") for v in r.get("provenance", {}).get("S", {})
+               .get("sites", {}).values()}
+        lines.append(f"- `{folder}`: seed {st['seed']}, {st.get('lr_schedule', 'constant')}, "
+                     f"synthesis seed {sorted(syn) if syn else '-'}")
+    lines += ["", "Each run's mean differences (PSNR dB / SSIM):", "",
+              "| run | " + " | ".join(f"{a} vs {b}" for a, b in COMPARISONS) + " |",
+              "| --- |" + " ---: |" * len(COMPARISONS)]
+    for folder, r in runs:
+        cells = []
+        for a, b in COMPARISONS:
+            if a in r["per_image"] and b in r["per_image"]:
+                d = [float(np.mean(values(r, a, m) - values(r, b, m))) for m in metrics]
+                cells.append(f"{d[0]:+.3f} / {d[1]:+.4f}")
+            else:
+                cells.append("-")
+        lines.append(f"| {Path(folder).name} | " + " | ".join(cells) + " |")
+    mean = {a: {m: {n: np.mean([values(r, a, m, n) for _, r in runs], axis=0) for n in names}
+                for m in metrics} for a in arms}
+    lines += ["", "Arms' per-image figures averaged over the runs:", "",
+              "| arm | PSNR dB | SSIM |", "| --- | ---: | ---: |"]
+    for a in arms:
+        overall = [float(np.mean(np.concatenate([mean[a][m][n] for n in names])))
+                   for m in metrics]
+        lines.append(f"| {a} | {overall[0]:.2f} | {overall[1]:.4f} |")
+    lines += ["", "| comparison (means over runs) | metric | where | mean diff [95 % CI] | "
+              "Wilcoxon p | TOST p (margin) | verdict |",
+              "| --- | --- | --- | --- | ---: | --- | --- |"]
+    for a, b in COMPARISONS:
+        if a not in arms or b not in arms:
+            continue
+        for m in metrics:
+            for where in ("overall", *names):
+                sites = names if where == "overall" else [where]
+                av = np.concatenate([mean[a][m][n] for n in sites])
+                bv = np.concatenate([mean[b][m][n] for n in sites])
+                t = paired_comparison(list(av), list(bv), margins.get(m))
+                tost = (t.get("tost") or {}).get("p", float("nan"))
+                lines.append(
+                    f"| {a} vs {b} | {m} | {where} | {t['mean_difference']:+.4f} "
+                    f"[{t['ci95_low']:+.4f}, {t['ci95_high']:+.4f}] | {t['wilcoxon_p']:.3g} | "
+                    f"{tost:.3g} ({t['margin']}) | {t['verdict']} |")
+    text = "\n".join(lines)
+    print(text)
+    if record_it:
+        with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -467,8 +557,13 @@ def main() -> None:
     d = sub.add_parser("diagnose")
     d.add_argument("--task", choices=("denoise", "sr"), required=True)
     d.add_argument("--kind", choices=tuple(DIAGNOSTICS), required=True)
+    e = sub.add_parser("seeds", help="several runs' reports read together (see seeds())")
+    e.add_argument("reports", nargs="+", help="report folders (with results.json)")
+    e.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    if args.cmd == "build":
+    if args.cmd == "seeds":
+        seeds(args.reports, not args.no_record)
+    elif args.cmd == "build":
         build(args.task)
     elif args.cmd == "generators":
         generators(args.task, args.preset, args.max_steps, args.ae_steps,
