@@ -314,6 +314,8 @@ def run(args: argparse.Namespace) -> None:
         overrides["seed"] = args.train_seed
     if args.lr_schedule:
         overrides["lr_schedule"] = args.lr_schedule
+    if args.decay_fraction:
+        overrides["lr_decay_fraction"] = args.decay_fraction
     if args.preset:
         overrides["preset"] = args.preset
     if args.arms:
@@ -352,6 +354,13 @@ def run(args: argparse.Namespace) -> None:
     record(args, config, results, out, wall)
 
 
+def _decay(settings: dict) -> str:  # type: ignore[type-arg]
+    fraction = settings.get("decay_fraction", 1.0)
+    if settings.get("lr_schedule", "constant") != "cosine" or fraction == 1.0:
+        return ""
+    return f" over the last {fraction:.0%} of the steps"
+
+
 def record(args, config, results, out: Path, wall: float) -> None:  # type: ignore[no-untyped-def]
     from coordinator.restore.report import ARM_NAMES
 
@@ -366,7 +375,8 @@ def record(args, config, results, out: Path, wall: float) -> None:  # type: igno
         f"{platform.machine()}, {machine_line(SHARE, 'CPU only')}. "
         f"Network `{st['net']}` {st['net_config']}, "
         f"{st['steps']} steps x batch {st['batch_size']} for every arm, seed {st['seed']}, "
-        f"learning rate {st['lr']} {st.get('lr_schedule', 'constant')}. "
+        f"learning rate {st['lr']} {st.get('lr_schedule', 'constant')}"
+        f"{_decay(st)}. "
         f"Total wall time {wall:.0f} s. Full report: `{out.relative_to(REPO)}/report.md` "
         "(and report.html).",
         "",
@@ -475,7 +485,8 @@ def seeds(reports: list[str], record_it: bool) -> None:
         st = r["settings"]
         syn = {v.get("seed") for v in r.get("provenance", {}).get("S", {})
                .get("sites", {}).values()}
-        lines.append(f"- `{folder}`: seed {st['seed']}, {st.get('lr_schedule', 'constant')}, "
+        lines.append(f"- `{folder}`: seed {st['seed']}, {st.get('lr_schedule', 'constant')}"
+                     f"{_decay(st)}, "
                      f"synthesis seed {sorted(syn) if syn else '-'}")
     lines += ["", "Each run's mean differences (PSNR dB / SSIM):", "",
               "| run | " + " | ".join(f"{a} vs {b}" for a, b in COMPARISONS) + " |",
@@ -543,6 +554,8 @@ def main() -> None:
     r.add_argument("--train-seed", type=int, default=None,
                    help="network initialisation and batch order seed of every arm")
     r.add_argument("--lr-schedule", choices=("cosine", "constant"), default=None)
+    r.add_argument("--decay-fraction", type=float, default=0.0,
+                   help="cosine: the last fraction of the steps decays (default: the config's)")
     r.add_argument("--preset", choices=("tiny", "cpu", "gpu"), default=None)
     r.add_argument("--arms", default="")
     r.add_argument("--rounds", type=int, default=0)

@@ -100,6 +100,14 @@ def test_cosine_rate_decays_to_zero_and_fedavg_slices_follow_one_schedule(
         replace(s, steps=10, schedule_offset=35, schedule_steps=40)
     with pytest.raises(ValueError, match="lr_schedule"):
         replace(s, lr_schedule="step")
+    # decay_fraction 0.25: flat for the first 30 steps, then the cosine over the last 10
+    late = replace(s, decay_fraction=0.25)
+    late_rates = [learning_rate(late, k) for k in range(s.steps)]
+    assert set(late_rates[:31]) == {s.lr}
+    assert all(b < a for a, b in zip(late_rates[30:], late_rates[31:], strict=False))
+    assert late_rates[35] == pytest.approx(s.lr / 2)
+    with pytest.raises(ValueError, match="decay_fraction"):
+        replace(s, decay_fraction=0.0)
     constant = replace(s, lr_schedule="constant")
     assert {learning_rate(constant, k) for k in range(s.steps)} == {s.lr}
     # the rate the optimiser used is the one logged

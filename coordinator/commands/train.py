@@ -30,6 +30,10 @@ def register(app: typer.Typer) -> None:
         lr_schedule: Annotated[
             str, typer.Option("--lr-schedule", help="cosine (decay to zero) | constant")
         ] = "cosine",
+        decay_fraction: Annotated[
+            float, typer.Option("--lr-decay-fraction",
+                                help="cosine: the last fraction of the steps decays (0 < f <= 1)")
+        ] = 1.0,
         device: Annotated[
             str | None, typer.Option("--device", help="cpu, cuda, cuda:N (default: best)")
         ] = None,
@@ -58,6 +62,8 @@ def register(app: typer.Typer) -> None:
         if lr_schedule not in LR_SCHEDULES:
             raise UsageError(f"unknown schedule {lr_schedule!r}: use {' or '.join(LR_SCHEDULES)}",
                              "--lr-schedule")
+        if not 0.0 < decay_fraction <= 1.0:
+            raise UsageError(f"must be in (0, 1], not {decay_fraction}", "--lr-decay-fraction")
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         paths = resolve_coordinator_home(home)
@@ -68,7 +74,7 @@ def register(app: typer.Typer) -> None:
         summary = train_from_pool(
             pool_dir, task, name, out_dir, preset=preset, resume=resume, overwrite=overwrite,
             steps=steps, seed=seed, device=device, progress=not json_out,
-            lr_schedule=lr_schedule,
+            lr_schedule=lr_schedule, decay_fraction=decay_fraction,
         )
         import os
 

@@ -93,6 +93,9 @@ class CompareConfig:
     lr_schedule: Literal["cosine", "constant"] = setting(
         "cosine", "Adam's rate: cosine decay to zero over the steps, or constant (every arm)"
     )
+    lr_decay_fraction: float = setting(
+        1.0, "cosine: the last fraction of the steps decays, the rate is flat before it"
+    )
     eval_seed: int = setting(0, "degradation seed of the evaluation")
     train_seed: int = setting(1, "degradation seed of the training pairs")
     arms: list[str] = setting(list(ARMS), "arms to run, of S R L F 0")
@@ -250,7 +253,7 @@ def _settings(config: CompareConfig) -> Any:
         config.net or default_net(config.task), config.task, config.modality, config.preset,
         steps=config.steps or None, batch_size=config.batch_size or None, seed=config.seed,
         degradation=degradation, net_config=dict(config.net_config),
-        lr_schedule=config.lr_schedule,
+        lr_schedule=config.lr_schedule, decay_fraction=float(config.lr_decay_fraction),
         ct_window_hu=(float(config.ct_window_hu[0]), float(config.ct_window_hu[1])),
     )
 

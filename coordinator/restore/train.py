@@ -172,6 +172,7 @@ class TrainSettings:
     checkpoint_every: int = 250
     flips: bool = True
     lr_schedule: str = "cosine"
+    decay_fraction: float = 1.0  # cosine: the last fraction decays, the rest is flat
     schedule_offset: int = 0  # steps of the global schedule already run (FedAvg rounds)
     schedule_steps: int = 0  # length of the global schedule; 0 = steps
     degradation: dict[str, Any] = field(default_factory=dict)
@@ -188,6 +189,8 @@ class TrainSettings:
             raise ValueError(
                 f"lr_schedule must be one of {list(LR_SCHEDULES)}, not {self.lr_schedule!r}"
             )
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in (0, 1], not {self.decay_fraction}")
         if self.schedule_offset < 0 or self.schedule_steps < 0:
             raise ValueError("schedule_offset and schedule_steps must be >= 0")
         if self.schedule_steps and self.schedule_offset + self.steps > self.schedule_steps:
@@ -200,14 +203,19 @@ class TrainSettings:
 def learning_rate(settings: TrainSettings, step: int) -> float:
     """The rate of local step ``step`` (0-based): a pure function, so resume needs no state.
 
-    cosine: ``lr * (1 + cos(pi * t / T)) / 2`` with ``t = schedule_offset + step`` and ``T`` the
-    schedule's length, from the full rate at t = 0 to about ``lr * (pi / 2T)**2`` at the last step.
+    cosine: flat at ``lr`` for the first ``1 - decay_fraction`` of the schedule, then
+    ``lr * (1 + cos(pi * u)) / 2`` with ``u`` going from 0 to 1 over the rest (global step
+    ``t = schedule_offset + step`` of a schedule ``T`` steps long); ``decay_fraction`` 1 is the
+    plain cosine from the first step.
     """
     if settings.lr_schedule == "constant":
         return settings.lr
     total = settings.schedule_steps or settings.steps
-    t = settings.schedule_offset + step
-    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+    t = min(settings.schedule_offset + step, total)
+    flat = total * (1.0 - settings.decay_fraction)
+    if t <= flat:
+        return settings.lr
+    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * (t - flat) / (total - flat)))
 
 
 def settings_for(
@@ -223,6 +231,7 @@ def settings_for(
     ct_window_hu: tuple[float, float] = CT_WINDOW_HU,
     net_config: dict[str, Any] | None = None,
     lr_schedule: str = "cosine",
+    decay_fraction: float = 1.0,
 ) -> TrainSettings:
     """Resolved settings of a preset, with explicit overrides."""
     if preset not in PRESETS:
@@ -242,7 +251,8 @@ def settings_for(
     return TrainSettings(
         net=net, task=task, modality=modality, net_config=cfg, preset=preset,
         steps=total, batch_size=batch_size or p.batch_size, lr=p.lr, seed=seed,
-        lr_schedule=lr_schedule, log_every=max(1, min(p.log_every, total)),
+        lr_schedule=lr_schedule, decay_fraction=decay_fraction,
+        log_every=max(1, min(p.log_every, total)),
         checkpoint_every=max(1, min(p.checkpoint_every, total)),
         degradation=deg.to_dict(),
         normalisation=Normalisation.for_modality(modality, ct_window_hu).to_dict(),
@@ -625,6 +635,7 @@ def train_from_pool(
     device: str | None = None,
     progress: bool = True,
     lr_schedule: str = "cosine",
+    decay_fraction: float = 1.0,
 ) -> dict[str, Any]:
     """Train ``net`` for ``task`` on a pool (contract D) only; writes out_dir/model.pt."""
     from coordinator.pool import load_pool
@@ -642,7 +653,7 @@ def train_from_pool(
         for name in ("checkpoint.pt", "model.pt", "losses.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
     settings = settings_for(net, task, modality, preset, steps=steps, seed=seed,
-                            lr_schedule=lr_schedule)
+                            lr_schedule=lr_schedule, decay_fraction=decay_fraction)
     clean = np.asarray(images, dtype=np.float32)
     inputs, targets, _, _ = make_pairs(
         clean, DegradationConfig.from_dict(settings.degradation),
