@@ -85,8 +85,9 @@ def test_training_lowers_the_loss(tmp_path: Path) -> None:
 def test_cosine_rate_decays_to_zero_and_fedavg_slices_follow_one_schedule(
     tmp_path: Path,
 ) -> None:
-    s = replace(settings_for("srcnn", "sr", "MR", "tiny"), steps=40, log_every=1)
-    assert s.lr_schedule == "cosine"
+    default = settings_for("srcnn", "sr", "MR", "tiny")
+    assert default.lr_schedule == "cosine" and default.decay_fraction == 0.2
+    s = replace(default, steps=40, log_every=1, decay_fraction=1.0)
     rates = [learning_rate(s, k) for k in range(s.steps)]
     assert rates[0] == s.lr
     assert all(b < a for a, b in zip(rates, rates[1:], strict=False))

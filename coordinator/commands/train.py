@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         decay_fraction: Annotated[
             float, typer.Option("--lr-decay-fraction",
                                 help="cosine: the last fraction of the steps decays (0 < f <= 1)")
-        ] = 1.0,
+        ] = 0.2,
         device: Annotated[
             str | None, typer.Option("--device", help="cpu, cuda, cuda:N (default: best)")
         ] = None,

@@ -94,7 +94,7 @@ class CompareConfig:
         "cosine", "Adam's rate: cosine decay to zero over the steps, or constant (every arm)"
     )
     lr_decay_fraction: float = setting(
-        1.0, "cosine: the last fraction of the steps decays, the rate is flat before it"
+        0.2, "cosine: the last fraction of the steps decays, the rate is flat before it"
     )
     eval_seed: int = setting(0, "degradation seed of the evaluation")
     train_seed: int = setting(1, "degradation seed of the training pairs")

@@ -15,13 +15,14 @@ Habits shared with the generator's training: one checkpoint file written atomica
 ``--resume`` continues the exact same run (batch order and augmentation depend on (seed, step)
 only), a progress bar on stderr, one JSON line of losses per logged step.
 
-Learning rate: Adam, by default with a cosine decay from the preset's rate to zero over the run
-(``lr_schedule: cosine``), so the model kept at the end is the low-noise end of a decayed run and
-not one noisy iterate of a constant rate (comparisons of arms are only as precise as that).
-The rate is a pure function of the step (``learning_rate``), so ``--resume`` needs no scheduler
-state; FedAvg's local runs use ``schedule_offset`` / ``schedule_steps`` to follow one global
-schedule across rounds. ``lr_schedule: constant`` keeps the rate fixed (model files made before
-2026-12-06 were trained that way). Multi-GPU runs go
+Learning rate: Adam, by default flat at the preset's rate and then a cosine decay to zero over
+the last 20 % of the steps (``lr_schedule: cosine``, ``decay_fraction: 0.2``), so the model kept
+at the end is the low-noise end of a decayed run and not one noisy iterate of a constant rate
+(comparisons of arms are only as precise as that). The rate is a pure function of the step
+(``learning_rate``), so ``--resume`` needs no scheduler state; FedAvg's local runs use
+``schedule_offset`` / ``schedule_steps`` to follow one global schedule across rounds.
+``lr_schedule: constant`` keeps the rate fixed (model files made before 2026-12-06 were trained
+that way). Multi-GPU runs go
 through ``torchrun`` only: when torchrun's environment is present, the process group is
 initialised, batches come from a ``DistributedSampler`` and rank 0 alone writes files.
 """
@@ -60,6 +61,7 @@ __all__ = [
     "settings_for",
     "learning_rate",
     "LR_SCHEDULES",
+    "DEFAULT_DECAY_FRACTION",
     "MODEL_FILE_TOP_LEVEL",
     "make_pairs",
     "train_network",
@@ -74,6 +76,9 @@ __all__ = [
 
 MODEL_FORMAT = "synthfed-restore-model/1"
 LR_SCHEDULES = ("cosine", "constant")
+# flat, then a cosine to zero over the last 20 % of the steps (measured in bench/RESULTS.md,
+# 2026-12-06: better than a cosine over all steps and than a constant rate at 1,500 steps)
+DEFAULT_DECAY_FRACTION = 0.2
 # settings a model file holds at its top level; the others are under "train"
 MODEL_FILE_TOP_LEVEL = ("net", "net_config", "task", "modality", "degradation", "normalisation")
 CHECKPOINT_FORMAT = "synthfed-restore-checkpoint/1"
@@ -172,7 +177,7 @@ class TrainSettings:
     checkpoint_every: int = 250
     flips: bool = True
     lr_schedule: str = "cosine"
-    decay_fraction: float = 1.0  # cosine: the last fraction decays, the rest is flat
+    decay_fraction: float = DEFAULT_DECAY_FRACTION  # cosine: the last fraction decays
     schedule_offset: int = 0  # steps of the global schedule already run (FedAvg rounds)
     schedule_steps: int = 0  # length of the global schedule; 0 = steps
     degradation: dict[str, Any] = field(default_factory=dict)
@@ -231,7 +236,7 @@ def settings_for(
     ct_window_hu: tuple[float, float] = CT_WINDOW_HU,
     net_config: dict[str, Any] | None = None,
     lr_schedule: str = "cosine",
-    decay_fraction: float = 1.0,
+    decay_fraction: float = DEFAULT_DECAY_FRACTION,
 ) -> TrainSettings:
     """Resolved settings of a preset, with explicit overrides."""
     if preset not in PRESETS:
@@ -635,7 +640,7 @@ def train_from_pool(
     device: str | None = None,
     progress: bool = True,
     lr_schedule: str = "cosine",
-    decay_fraction: float = 1.0,
+    decay_fraction: float = DEFAULT_DECAY_FRACTION,
 ) -> dict[str, Any]:
     """Train ``net`` for ``task`` on a pool (contract D) only; writes out_dir/model.pt."""
     from coordinator.pool import load_pool
