@@ -456,8 +456,7 @@ def seeds(reports: list[str], record_it: bool) -> None:
 
     runs = []
     for folder in reports:
-        path = REPO / folder / "results.json" if not Path(folder).is_absolute() else \
-            Path(folder) / "results.json"
+        path = REPO / folder / "results.json"  # an absolute folder replaces REPO
         if not path.is_file():
             raise SystemExit(f"{path}: no results.json")
         runs.append((folder, json.loads(path.read_text(encoding="utf-8"))))

@@ -57,13 +57,6 @@ def register(app: typer.Typer) -> None:
         if name not in NETWORKS:
             raise UsageError(f"unknown network {name!r}: use {', '.join(sorted(NETWORKS))}",
                              "--net")
-        from coordinator.restore.train import LR_SCHEDULES
-
-        if lr_schedule not in LR_SCHEDULES:
-            raise UsageError(f"unknown schedule {lr_schedule!r}: use {' or '.join(LR_SCHEDULES)}",
-                             "--lr-schedule")
-        if not 0.0 < decay_fraction <= 1.0:
-            raise UsageError(f"must be in (0, 1], not {decay_fraction}", "--lr-decay-fraction")
         if resume and overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         paths = resolve_coordinator_home(home)

@@ -325,13 +325,10 @@ def run_comparison(
             _, info = load_model(blob, str(path))
         except UsageError:
             return None
-        train = dict(info.get("train", {}))
-        # every recorded training setting must be there and equal: a model file from before a
-        # setting existed (e.g. lr_schedule) was made another way and is not reused
-        same = all(k in train and train[k] == v for k, v in wanted_settings.items()
-                   if k not in MODEL_FILE_TOP_LEVEL)
-        same = same and info["net_config"] == wanted_settings["net_config"]
-        same = same and info["degradation"] == wanted_settings["degradation"]
+        # every setting must be recorded and equal: a model file from before a setting existed
+        # (e.g. lr_schedule) was made another way and is not reused
+        recorded = {**info.get("train", {}), **{k: info.get(k) for k in MODEL_FILE_TOP_LEVEL}}
+        same = all(k in recorded and recorded[k] == v for k, v in wanted_settings.items())
         if not same or info.get("data", {}).get("data_digest") != digest:
             return None
         return blob

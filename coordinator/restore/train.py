@@ -253,15 +253,18 @@ def settings_for(
     if deg.task != task:
         raise UsageError(f"degradation is for task {deg.task}, training task is {task}")
     total = steps if steps is not None else p.steps
-    return TrainSettings(
-        net=net, task=task, modality=modality, net_config=cfg, preset=preset,
-        steps=total, batch_size=batch_size or p.batch_size, lr=p.lr, seed=seed,
-        lr_schedule=lr_schedule, decay_fraction=decay_fraction,
-        log_every=max(1, min(p.log_every, total)),
-        checkpoint_every=max(1, min(p.checkpoint_every, total)),
-        degradation=deg.to_dict(),
-        normalisation=Normalisation.for_modality(modality, ct_window_hu).to_dict(),
-    )
+    try:
+        return TrainSettings(
+            net=net, task=task, modality=modality, net_config=cfg, preset=preset,
+            steps=total, batch_size=batch_size or p.batch_size, lr=p.lr, seed=seed,
+            lr_schedule=lr_schedule, decay_fraction=decay_fraction,
+            log_every=max(1, min(p.log_every, total)),
+            checkpoint_every=max(1, min(p.checkpoint_every, total)),
+            degradation=deg.to_dict(),
+            normalisation=Normalisation.for_modality(modality, ct_window_hu).to_dict(),
+        )
+    except ValueError as exc:  # a bad value from a command line or a config: the user's error
+        raise UsageError(str(exc)) from None
 
 
 def make_pairs(
