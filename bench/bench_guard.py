@@ -422,8 +422,8 @@ def run_throughput(args: argparse.Namespace) -> None:
         f"- machine: {_machine()}",
         f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python "
         f"bench/bench_guard.py throughput --sizes {args.sizes} --refs {args.refs} "
-        f"--queries {args.queries} --components {args.components} --blocks {args.blocks}"
-        f"{(' --ram-gib ' + str(args.ram_gib) + ' --spill ' + args.spill) if args.spill else ''}`",
+        f"--queries {args.queries} --components {args.components} --blocks {args.blocks} "
+        f"--ram-gib {args.ram_gib}{' --spill ' + args.spill if args.spill else ''}`",
         "- metric: pixel RMSE (one variant per query); reference: generated from the real MR "
         "slices (mixes of two slices, contrast x0.8-1.2, shifts, noise), stored float16; "
         "queries: other generated slices (from held-out real slices); threshold midway between "
@@ -450,21 +450,18 @@ def run_throughput(args: argparse.Namespace) -> None:
         holdout = base[rng.permutation(len(base))[: len(base) // 5]]
         train = np.delete(base, np.arange(len(base))[: len(base) // 5], axis=0)
         for n in [int(v) for v in args.refs.split(",")]:
-            need = n * size * size * 2 * 1.3  # float16 store + working space
+            gib = n * size * size * 2 / (1 << 30)  # the reference as float16
             spill = None
-            if need > budget_bytes and args.spill:
+            if gib * 1.3 * (1 << 30) > budget_bytes:  # + working space
+                if not args.spill:
+                    lines.append(
+                        f"| {size}x{size} | {n:,} | - | - | - | - | - | - | - | - | does not fit: "
+                        f"{gib:.1f} GiB as float16 (+ working space) > {args.ram_gib} GiB budget |"
+                    )
+                    continue
                 spill = Path(args.spill) / f"reference-{size}-{n}.npy"
                 spill.parent.mkdir(parents=True, exist_ok=True)
-                spilled.append(
-                    f"{size}x{size} {n:,} ({n * size * size * 2 / (1 << 30):.1f} GiB)"
-                )
-            elif need > budget_bytes:
-                lines.append(
-                    f"| {size}x{size} | {n:,} | - | - | - | - | - | - | - | - | does not fit: "
-                    f"{n * size * size * 2 / (1 << 30):.1f} GiB as float16 (+ working space) > "
-                    f"{args.ram_gib} GiB budget |"
-                )
-                continue
+                spilled.append(f"{size}x{size} {n:,} ({gib:.1f} GiB)")
             t0 = time.perf_counter()
             reference = _synthetic(train, n, seed=n + size, spill=spill)
             if spill is not None:
