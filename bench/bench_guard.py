@@ -539,7 +539,9 @@ def run_cost(args: argparse.Namespace) -> None:
     prepare_s = time.perf_counter() - t0
     run = generate_and_screen(paths, config, args.count, seed=args.seed, progress=False)
     timing = run.report["timing_s"]
+    figure = timing.get("report_figure", 0.0)
     ratio = timing["guard"] / timing["sampling"]
+    ratio_all = (timing["guard"] + figure) / timing["sampling"]
     tried = run.report["candidates_tried"]
     section = f"""
 ## Guard: cost in a generate run ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)
@@ -554,6 +556,8 @@ def run_cost(args: argparse.Namespace) -> None:
   sampling {timing["sampling"]:.2f} s, guard {timing["guard"]:.2f} s (every metric, the run's
   canaries, and the run's own loading of the guard: reference, calibration, kept indexes and
   features); search threads {blas_threads()}: guard / sampling = {ratio:.1%}
+- the run's report figure (distance histograms, drawn once per run): {figure:.2f} s;
+  guard and figure together / sampling = {ratio_all:.1%}
 """
     print(section)
     _append(section)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from privacy.metrics import rotate_images
+
 __all__ = ["ALTERATIONS", "MUST_CATCH", "Canaries", "make_canaries", "alter", "catch_rates"]
 
 ALTERATIONS = ("exact", "shift", "mirror", "intensity", "noise", "rotation", "combination")
@@ -52,11 +54,7 @@ def _shift_fill(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def _rotate(image: np.ndarray, degrees: float) -> np.ndarray:
-    from scipy import ndimage
-
-    out: np.ndarray = ndimage.rotate(
-        image, degrees, reshape=False, order=1, mode="nearest"
-    ).astype(np.float32)
+    out: np.ndarray = rotate_images(image[None], degrees, keep_table=False)[0]
     return out
 
 

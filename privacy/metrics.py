@@ -71,23 +71,23 @@ def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
     return arr
 
 
-@functools.lru_cache(maxsize=32)
-def _rotation_table(h: int, w: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+def rotation_weights(h: int, w: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
     """Flat source indices [4, h * w] and float32 weights [4, h * w] of scipy.ndimage.rotate
-    (``axes=(2, 1)``, ``reshape=False``, ``order=1``, ``mode="nearest"``) on an ``h x w`` grid.
+    (``reshape=False``, ``order=1``, ``mode="nearest"``) on an ``h x w`` grid, in closed form.
 
-    Bilinear interpolation reproduces a linear function exactly, so rotating the row and the
-    column coordinate images with scipy itself gives the (edge-clamped) point each output pixel
-    samples; the four neighbours and weights follow from it.
+    scipy maps output pixel ``o`` to the input point ``c + M (o - c)``, ``c`` the grid centre
+    and ``M = [[cos, sin], [-sin, cos]]`` over (row, column); ``mode="nearest"`` with linear
+    interpolation is the same as clamping that point to the grid. Computed here so the guard
+    does not import scipy.ndimage (a third of a second per process); a test holds the result
+    to scipy's own rotation.
     """
-    from scipy import ndimage
-
-    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
-                             indexing="ij")
-    coords = ndimage.rotate(np.stack([rows, cols]), degrees, axes=(2, 1), reshape=False,
-                            order=1, mode="nearest")
-    y = np.clip(coords[0], 0.0, h - 1.0).ravel()
-    x = np.clip(coords[1], 0.0, w - 1.0).ravel()
+    theta = math.radians(degrees)
+    cos, sin = math.cos(theta), math.sin(theta)
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    dy, dx = np.meshgrid(np.arange(h, dtype=np.float64) - cy,
+                         np.arange(w, dtype=np.float64) - cx, indexing="ij")
+    y = np.clip(cy + cos * dy + sin * dx, 0.0, h - 1.0).ravel()
+    x = np.clip(cx - sin * dy + cos * dx, 0.0, w - 1.0).ravel()
     y0 = np.minimum(np.floor(y), h - 2).astype(np.int64) if h > 1 else np.zeros(y.size, np.int64)
     x0 = np.minimum(np.floor(x), w - 2).astype(np.int64) if w > 1 else np.zeros(x.size, np.int64)
     fy, fx = y - y0, x - x0
@@ -97,12 +97,17 @@ def _rotation_table(h: int, w: int, degrees: float) -> tuple[np.ndarray, np.ndar
     return index, weight.astype(np.float32)
 
 
-def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
+_rotation_table = functools.lru_cache(maxsize=32)(rotation_weights)
+
+
+def rotate_images(images: np.ndarray, degrees: float, *, keep_table: bool = True) -> np.ndarray:
     """[N, H, W] float32 rotated about the centre: bilinear, edge values outside (the
-    interpolation of scipy.ndimage.rotate, from a table kept per grid and angle)."""
+    interpolation of scipy.ndimage.rotate). The table is kept per grid and angle unless
+    ``keep_table`` is false (one-off angles, such as a canary's random one)."""
     arr = np.asarray(images, dtype=np.float32)
     n, h, w = arr.shape
-    index, weight = _rotation_table(h, w, float(degrees))
+    table = _rotation_table if keep_table else rotation_weights
+    index, weight = table(h, w, float(degrees))
     flat = arr.reshape(n, h * w)
     out = flat[:, index[0]] * weight[0]
     for j in range(1, 4):

@@ -122,14 +122,45 @@ def test_recontrasted_copy_is_at_distance_zero_under_contrast_rmse() -> None:
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (33, 20), (5, 7)])
-@pytest.mark.parametrize("degrees", [3.5, -3.5, 10.0, 45.0])
-def test_rotate_images_is_scipys_bilinear_rotation(shape: tuple[int, int], degrees: float) -> None:
+@pytest.mark.parametrize("degrees", [3.5, -3.5, 10.0, 45.0, 0.0, -90.0, 1.2345])
+@pytest.mark.parametrize("keep_table", [True, False])
+def test_rotate_images_is_scipys_bilinear_rotation(
+    shape: tuple[int, int], degrees: float, keep_table: bool
+) -> None:
     from scipy import ndimage
 
     from privacy.metrics import rotate_images
 
     x = np.random.default_rng(7).random((3, *shape)).astype(np.float32) * 1000.0
     want = ndimage.rotate(x, degrees, axes=(2, 1), reshape=False, order=1, mode="nearest")
-    got = rotate_images(x, degrees)
+    got = rotate_images(x, degrees, keep_table=keep_table)
     assert got.dtype == np.float32 and got.shape == x.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1000.0 * 4e-7)
+
+
+def test_rotation_canary_is_scipys_rotation_of_the_slice() -> None:
+    from scipy import ndimage
+
+    from privacy.canaries import _rotate
+
+    image = np.random.default_rng(3).random((40, 40)).astype(np.float32)
+    want = ndimage.rotate(image, -4.2, reshape=False, order=1, mode="nearest")
+    np.testing.assert_allclose(_rotate(image, -4.2), want, rtol=0, atol=4e-7)
+
+
+def test_guard_metrics_and_canaries_do_not_import_scipy_ndimage() -> None:
+    """scipy.ndimage costs a third of a second to import: a generate run must not pay it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from privacy.canaries import make_canaries\n"
+        "from privacy.metrics import rotate_images\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.random((8, 24, 24)).astype(np.float32)\n"
+        "make_canaries(x, 2, rng); rotate_images(x, 3.0)\n"
+        "assert 'scipy.ndimage' not in sys.modules, 'scipy.ndimage was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
