@@ -78,8 +78,8 @@ def rotation_weights(h: int, w: int, degrees: float) -> tuple[np.ndarray, np.nda
     scipy maps output pixel ``o`` to the input point ``c + M (o - c)``, ``c`` the grid centre
     and ``M = [[cos, sin], [-sin, cos]]`` over (row, column); ``mode="nearest"`` with linear
     interpolation is the same as clamping that point to the grid. Computed here so the guard
-    does not import scipy.ndimage (a third of a second per process); a test holds the result
-    to scipy's own rotation.
+    does not import scipy.ndimage (a third of a second in a ``screen`` process; a generate run
+    imports it with MONAI anyway); a test holds the result to scipy's own rotation.
     """
     theta = math.radians(degrees)
     cos, sin = math.cos(theta), math.sin(theta)

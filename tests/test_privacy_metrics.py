@@ -149,7 +149,8 @@ def test_rotation_canary_is_scipys_rotation_of_the_slice() -> None:
 
 
 def test_guard_metrics_and_canaries_do_not_import_scipy_ndimage() -> None:
-    """scipy.ndimage costs a third of a second to import: a generate run must not pay it."""
+    """scipy.ndimage costs a third of a second to import: a screen run (no generator, no MONAI
+    to import it anyway) must not pay it."""
     import subprocess
     import sys
 
