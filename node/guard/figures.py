@@ -94,7 +94,7 @@ def _panel(
         draw.text((x0 - 6, py(t)), _label(t), fill=(0, 0, 0), font=small, anchor="rm")
     draw.text(((x0 + x1) / 2, height - 4), "distance to nearest real slice", fill=(0, 0, 0),
               font=font, anchor="mb")
-    draw.text((4, (y0 + y1) / 2), "density", fill=(0, 0, 0), font=small, anchor="lm")
+    draw.text((4, y0 - 4), "density", fill=(0, 0, 0), font=small, anchor="lb")
     title = f"{name}\n(above the line: lower bounds)" if bounded else name
     draw.multiline_text(((x0 + x1) / 2, 4), title, fill=(0, 0, 0), font=font, anchor="ma",
                         align="center")
