@@ -66,6 +66,9 @@ def test_generate_and_screen_accepts_the_count_far_from_every_real_slice(home: N
     assert run.run_dir is not None
     local = json.loads((run.run_dir / "report.json").read_text())
     assert "patient_exposure_counts" in local
+    # the figure's time is recorded beside sampling and guard (it is part of the guard's run)
+    assert set(local["timing_s"]) == {"sampling", "guard", "report_figure"}
+    assert 0.0 <= local["timing_s"]["report_figure"] < 5.0
     assert (run.run_dir / "distances.png").exists() and (run.run_dir / "report.html").exists()
     last = json.loads(home.audit.read_text().splitlines()[-1])
     assert last["event"] == "generate" and last["details"]["accepted"] == 6
