@@ -539,7 +539,7 @@ def run_cost(args: argparse.Namespace) -> None:
     prepare_s = time.perf_counter() - t0
     run = generate_and_screen(paths, config, args.count, seed=args.seed, progress=False)
     timing = run.report["timing_s"]
-    figure = timing.get("report_figure", 0.0)
+    figure = timing["report_figure"]
     ratio = timing["guard"] / timing["sampling"]
     ratio_all = (timing["guard"] + figure) / timing["sampling"]
     tried = run.report["candidates_tried"]

@@ -71,7 +71,7 @@ def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
     return arr
 
 
-def rotation_weights(h: int, w: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+def _rotation_weights(h: int, w: int, degrees: float) -> tuple[np.ndarray, np.ndarray]:
     """Flat source indices [4, h * w] and float32 weights [4, h * w] of scipy.ndimage.rotate
     (``reshape=False``, ``order=1``, ``mode="nearest"``) on an ``h x w`` grid, in closed form.
 
@@ -97,7 +97,7 @@ def rotation_weights(h: int, w: int, degrees: float) -> tuple[np.ndarray, np.nda
     return index, weight.astype(np.float32)
 
 
-_rotation_table = functools.lru_cache(maxsize=32)(rotation_weights)
+_rotation_table = functools.lru_cache(maxsize=32)(_rotation_weights)
 
 
 def rotate_images(images: np.ndarray, degrees: float, *, keep_table: bool = True) -> np.ndarray:
@@ -106,7 +106,7 @@ def rotate_images(images: np.ndarray, degrees: float, *, keep_table: bool = True
     ``keep_table`` is false (one-off angles, such as a canary's random one)."""
     arr = np.asarray(images, dtype=np.float32)
     n, h, w = arr.shape
-    table = _rotation_table if keep_table else rotation_weights
+    table = _rotation_table if keep_table else _rotation_weights
     index, weight = table(h, w, float(degrees))
     flat = arr.reshape(n, h * w)
     out = flat[:, index[0]] * weight[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -40,6 +41,12 @@ def _half(colour: tuple[int, int, int]) -> tuple[int, int, int]:
     return ((r + 255) // 2, (g + 255) // 2, (b + 255) // 2)
 
 
+@functools.lru_cache(maxsize=4)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's bundled scalable font at ``size`` pixels, loaded once per size."""
+    return ImageFont.load_default(size=size)
+
+
 def _label(value: float) -> str:
     return f"{value:.3g}"
 
@@ -54,12 +61,13 @@ def _panel(
     width, height = _PANEL
     left, right, top_m, bottom = _MARGIN
     x0, x1, y0, y1 = left, width - right, top_m, height - bottom  # plot area, y0 at the top
-    font = ImageFont.load_default(size=11)
-    small = ImageFont.load_default(size=9)
-    finite = [(label, np.asarray(v, dtype=float), colour) for label, v, colour in series
-              if v is not None and len(v)]
-    finite = [(label, v[np.isfinite(v)], colour) for label, v, colour in finite]
-    finite = [entry for entry in finite if entry[1].size]
+    font, small = _font(11), _font(9)
+    finite = []  # each series' finite values; empty series are left out
+    for label, v, colour in series:
+        values = np.asarray(v if v is not None else [], dtype=float).ravel()
+        values = values[np.isfinite(values)]
+        if values.size:
+            finite.append((label, values, colour))
     x_top = max([float(v.max()) for _, v, _ in finite] + [threshold * 1.5, 1e-12]) * 1.05
     bins = np.linspace(0.0, x_top, 40)
     hists = [(label, np.histogram(v, bins=bins, density=True)[0], colour)

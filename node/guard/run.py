@@ -211,15 +211,16 @@ def _write_run(
     modality: str,
     canaries: CanaryResult,
 ) -> None:
-    atomic_write_json(run_dir / "report.json", report)  # first: kept if the figure fails
     kinds = report.get("distance_kind", {})
     t0 = time.perf_counter()
-    png = distance_histograms_png(
-        candidate_distances, state.new_patient.get(modality, {}), state.thresholds(modality),
-        canaries.distances, bounded=[m for m, kind in kinds.items() if kind == "lower_bound"],
-    )
-    if isinstance(report.get("timing_s"), dict):  # the figure is part of the guard's work
-        report["timing_s"]["report_figure"] = round(time.perf_counter() - t0, 3)
+    try:
+        png = distance_histograms_png(
+            candidate_distances, state.new_patient.get(modality, {}), state.thresholds(modality),
+            canaries.distances, bounded=[m for m, kind in kinds.items() if kind == "lower_bound"],
+        )
+    finally:  # the report is written once, and even if the figure fails
+        if isinstance(report.get("timing_s"), dict):  # the figure is part of the guard's work
+            report["timing_s"]["report_figure"] = round(time.perf_counter() - t0, 3)
         atomic_write_json(run_dir / "report.json", report)
     atomic_write_bytes(run_dir / "distances.png", png)
     atomic_write_text(run_dir / "report.html", report_html(title, report, png))
