@@ -248,7 +248,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from node.config import resolve_home
     from node.generator.checkpoint import checkpoint_path, load_checkpoint
-    from node.generator.device import choose_device, describe_device
+    from node.generator.device import choose_device, resolve_precision
     from node.generator.presets import config_from_dict
     from node.generator.sampling import load_generator
     from node.generator.train import _Run, load_training_data
@@ -262,38 +262,51 @@ def cmd_bench(args: argparse.Namespace) -> None:
         data, digest = load_training_data(store, state["conditioning"])
     run = _Run(cfg, data, device, digest)
     run.restore(state)
+    precisions = [p for p in args.precisions.split(",") if p]
     figures: dict[str, float] = {}
     run.step = 0
     figures["train_autoencoder_steps_per_s"] = _time_steps(run, "autoencoder", args.train_steps)
-    run.step = cfg.ae_steps
-    figures["train_diffusion_steps_per_s"] = _time_steps(run, "diffusion", args.train_steps)
     generator = load_generator(paths)
     runs: tuple[tuple[str, Literal["dpm", "ddim", "ddpm"], int, int], ...] = (
         ("dpm20", "dpm", 20, args.count),
         ("ddim50", "ddim", 50, args.count),
         ("ddpm1000", "ddpm", 1000, args.ddpm_count),
     )
-    for name, scheduler, steps, count in runs:
-        generator.sample(2, seed=99, scheduler=scheduler, steps=2)  # warm-up
-        started = time.perf_counter()
-        generator.sample(count, seed=0, scheduler=scheduler, steps=steps,
-                         batch_size=min(count, 32))
-        figures[f"sample_{name}_images_per_s"] = count / (time.perf_counter() - started)
+    for precision in precisions:
+        # The UNet's precision only: the autoencoder's is fixed per device.
+        run.unet_precision = generator.unet_precision = resolve_precision(device, precision)
+        tag = "" if len(precisions) == 1 else f"[{run.unet_precision}]"
+        run.step = cfg.ae_steps
+        figures[f"train_diffusion_steps_per_s{tag}"] = _time_steps(run, "diffusion",
+                                                                   args.train_steps)
+        for name, scheduler, steps, count in runs:
+            generator.sample(2, seed=99, scheduler=scheduler, steps=2)  # warm-up
+            started = time.perf_counter()
+            generator.sample(count, seed=0, scheduler=scheduler, steps=steps,
+                             batch_size=min(count, 32))
+            figures[f"sample_{name}_images_per_s{tag}"] = count / (time.perf_counter() - started)
     threads = torch.get_num_threads()
     lines = [
         "",
         f"## generator: {args.label}",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {platform.machine()}, device {describe_device(device)},"
+        f"- machine: {platform.machine()}, device {device.type}, autoencoder"
+        f" {run.ae_precision}, UNet {', '.join(precisions)} (as tagged),"
         f" {machine_line(SHARE, f'torch threads {threads}')}",
         f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python"
-        f" bench/bench_generator.py bench --home {args.home} --label '{args.label}'`",
+        f" bench/bench_generator.py bench --home {args.home} --label '{args.label}'"
+        f" --precisions {args.precisions}`",
         f"- model: preset {cfg.preset}, image {data.size}x{data.size}, {data.n} train slices,"
         f" AE batch {cfg.ae_batch_size}, UNet batch {cfg.diffusion_batch_size}",
     ]
     for key, value in figures.items():
         lines.append(f"- {key}: {value:.3f}")
+    for key in [k for k in figures if k.endswith("[bfloat16]")]:
+        base = key.replace("[bfloat16]", "[float32]")
+        if base in figures:
+            lines.append(f"- {key.replace('[bfloat16]', '')}: bfloat16 / float32 ="
+                         f" {figures[key] / figures[base]:.2f}x")
     results = Path(args.results) if args.results else REPO / "bench" / "RESULTS.md"
     if not results.exists():
         results.write_text("# Benchmark results\n\nMachine, date, command and figures of each"
@@ -303,15 +316,50 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+AB_KEYS = {
+    "loss_weighting": ("uniform,min_snr", "stage-2 loss weighting", "cpu-mr64-loss-weighting.png"),
+    "diffusion_precision": ("float32,bfloat16", "UNet precision (bf16 autocast against float32)",
+                            "cpu-mr64-precision.png"),
+}
+#: Settings that change the UNet's shape: an arm with one starts from a fresh UNet.
+ARCHITECTURE_KEYS = ("unet_channels", "unet_num_res_blocks")
+
+
+def _arm_setting(default_key: str, arm: str) -> tuple[str, object]:
+    """An arm is a value of ``--key`` or ``key=value``; channel lists are written 64-128-128."""
+    key, _, value = arm.rpartition("=")
+    key = key or default_key
+    if key == "unet_channels":
+        return key, [int(c) for c in value.split("-")]
+    if key == "unet_num_res_blocks":
+        return key, int(value)
+    return key, value
+
+
+def _fresh_unet(paths: object, state: dict[str, object]) -> None:
+    """Replace the checkpoint's UNet, its EMA, optimiser and schedule by freshly initialised
+    ones of the shape its (edited) config now names; the autoencoder is kept."""
+    from node.generator.device import choose_device
+    from node.generator.presets import config_from_dict
+    from node.generator.train import _Run, load_training_data
+    from node.store import Store
+
+    cfg = config_from_dict(state["config"])  # type: ignore[arg-type]
+    with Store(paths.store) as store:  # type: ignore[attr-defined]
+        data, digest = load_training_data(store, cfg.conditioning)
+    fresh = _Run(cfg, data, choose_device(None), digest).state(str(state["run_id"]))
+    for part in ("unet", "unet_ema", "unet_opt", "unet_sched"):
+        state[part] = fresh[part]
+
+
 def cmd_weighting(args: argparse.Namespace) -> None:
-    """A/B of the stage-2 loss weighting on one autoencoder, in one sitting."""
+    """A/B of one stage-2 setting (``--key``) on one autoencoder, in one sitting."""
     import shutil
 
     import torch
 
     from node.config import load_node_config, resolve_home
     from node.generator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-    from node.generator.device import choose_device, describe_device
     from node.generator.sampling import load_generator
     from node.generator.train import train_generator
 
@@ -339,20 +387,25 @@ def cmd_weighting(args: argparse.Namespace) -> None:
     ae_wall = time.perf_counter() - started
     ae_note = (f"reused from {ckpt}, trained by an earlier run" if reused
                else f"{ae_wall:.0f} s")
-    arms = [a for a in args.arms.split(",") if a]
+    default_arms, title, figure_name = AB_KEYS[args.key]
+    arms = [a for a in (args.arms or default_arms).split(",") if a]
+    figure = Path(args.figure) if args.figure else REPO / "bench" / "figures" / figure_name
     results: dict[str, dict[str, object]] = {}
     samples: dict[str, np.ndarray] = {}
     for arm in arms:
         suffix = f"-s{args.seed}" if args.seed is not None else ""
-        home = base.root.parent / f"{base.root.name}-{arm}{suffix}"
+        home = base.root.parent / f"{base.root.name}-{arm.replace('=', '-')}{suffix}"
         if home.exists():
             shutil.rmtree(home)
         shutil.copytree(base.root, home, ignore=shutil.ignore_patterns("runs"))
         paths = resolve_home(str(home))
         state, _ = load_checkpoint(checkpoint_path(paths))
         state.pop("format", None)
-        state["config"]["loss_weighting"] = arm
+        key, value = _arm_setting(args.key, arm)
+        state["config"][key] = value
         state["config"]["min_snr_gamma"] = args.gamma
+        if key in ARCHITECTURE_KEYS:
+            _fresh_unet(paths, state)
         if args.seed is not None:
             # The autoencoder is trained already: the seed now decides only the diffusion
             # stage's batches, timesteps and noise, and the quality report's samples.
@@ -362,21 +415,24 @@ def cmd_weighting(args: argparse.Namespace) -> None:
         summary = train_generator(paths, load_node_config(paths), resume=True, progress=True)
         wall = time.perf_counter() - t0
         results[arm] = {"wall_s": wall, "final": summary["final_losses"],
-                        "quality": summary.get("quality", {}), "run_dir": summary["run_dir"]}
+                        "quality": summary.get("quality", {}), "run_dir": summary["run_dir"],
+                        "device": summary["device"]}
         samples[arm] = load_generator(paths).sample(args.grid, seed=5, batch_size=16)
-    _weighting_figure(samples, Path(args.figure))
+    _weighting_figure(samples, figure)
     threads = torch.get_num_threads()
     keys = ("intensity_wasserstein", "spectrum_distance", "precision", "recall")
     lines = [
         "",
-        f"## Generator: stage-2 loss weighting, uniform against min-SNR (gamma {args.gamma:g}),"
-        f" one autoencoder ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        f"## Generator: {title}"
+        + (f", gamma {args.gamma:g}" if args.key == "loss_weighting" else "")
+        + (f"; arms {', '.join(arms)}" if any("=" in a for a in arms) else "")
+        + f", one autoencoder ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
-        f"- machine: {platform.machine()}, device {describe_device(choose_device(None))},"
-        f" {machine_line(SHARE, f'torch threads {threads}')}",
+        f"- machine: {platform.machine()}, {machine_line(SHARE, f'torch threads {threads}')}",
+        "- device per arm: " + "; ".join(f"{arm}: {r['device']}" for arm, r in results.items()),
         f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python"
-        f" bench/bench_generator.py weighting --home {args.home} --preset {args.preset}"
-        f" --diffusion-steps"
+        f" bench/bench_generator.py weighting --key {args.key} --arms {','.join(arms)}"
+        f" --home {args.home} --preset {args.preset} --diffusion-steps"
         f" {args.diffusion_steps} --gamma {args.gamma:g}"
         + (f" --seed {args.seed}`" if args.seed is not None else "`"),
         f"- preset {args.preset}; autoencoder {ae_steps} steps ({ae_note}, shared by the"
@@ -384,7 +440,7 @@ def cmd_weighting(args: argparse.Namespace) -> None:
         " batches; quality report of each arm as at the end of training"
         + (f"; diffusion-stage seed {args.seed}" if args.seed is not None else ""),
         "",
-        "| weighting | diffusion wall s | final v/eps MSE (unweighted) | final loss | "
+        "| arm | diffusion wall s | final v/eps MSE (unweighted) | final loss | "
         + " | ".join(keys) + " |",
         "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |",
     ]
@@ -397,7 +453,7 @@ def cmd_weighting(args: argparse.Namespace) -> None:
         loss = np.mean([x["loss"] for x in _losses(Path(str(r["run_dir"])))[-50:]])
         lines.append(f"| {arm} | {r['wall_s']:.0f} | {mse:.4f} | {loss:.4f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", f"- samples of both arms, same seeds: `{args.figure}`"]
+    lines += ["", f"- samples of both arms, same seeds: `{figure}`"]
     with open(Path(args.results) if args.results else REPO / "bench" / "RESULTS.md", "a",
               encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -471,6 +527,8 @@ def main() -> None:
     p.add_argument("--results", default="", help="append here instead of bench/RESULTS.md")
     p.add_argument("--count", type=int, default=32)
     p.add_argument("--ddpm-count", type=int, default=4)
+    p.add_argument("--precisions", default="auto",
+                   help="UNet precisions to time, comma-separated (auto, float32, bfloat16)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("weighting")
     p.add_argument("--home", required=True, help="a built home; arms go beside it")
@@ -478,12 +536,14 @@ def main() -> None:
     p.add_argument("--ae-steps", type=int, default=0, help="0: the preset's")
     p.add_argument("--diffusion-steps", type=int, default=3000)
     p.add_argument("--gamma", type=float, default=5.0)
-    p.add_argument("--arms", default="uniform,min_snr")
+    p.add_argument("--key", choices=sorted(AB_KEYS), default="loss_weighting",
+                   help="the stage-2 setting the arms differ in")
+    p.add_argument("--arms", default="",
+                   help="comma-separated values of --key, or key=value (default: per --key)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the diffusion stages (default: node.yaml's generator seed)")
     p.add_argument("--grid", type=int, default=24, help="samples per arm in the figure")
-    p.add_argument("--figure", default=str(REPO / "bench" / "figures"
-                                           / "cpu-mr64-loss-weighting.png"))
+    p.add_argument("--figure", default="", help="default: bench/figures/<per --key>")
     p.add_argument("--results", default="", help="append here instead of bench/RESULTS.md")
     p.set_defaults(func=cmd_weighting)
     args = parser.parse_args()

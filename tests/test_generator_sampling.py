@@ -97,6 +97,23 @@ def test_same_seed_gives_identical_images(
     assert not np.allclose(a, c)
 
 
+def test_unet_precision_is_stated_and_moves_the_images_only_slightly(
+    trained: NodePaths,
+) -> None:
+    """The same seed in float32 and in bf16: other images, close ones, each run stating how
+    it sampled (the manifest's generator section carries it)."""
+    images = {}
+    for precision in ("float32", "bfloat16"):
+        gen = load_generator(trained)
+        gen.unet_precision = precision  # type: ignore[assignment]
+        images[precision] = gen.sample(4, seed=3, steps=8, batch_size=4, modality="MR")
+        assert gen.summary()["sampling_precision"] == {"unet": precision,
+                                                       "autoencoder": "float32"}
+    gap = np.abs(images["float32"] - images["bfloat16"])
+    assert gap.max() > 0.0
+    assert gap.mean() < 0.02
+
+
 def test_image_i_does_not_depend_on_the_batch_size(generator: Generator) -> None:
     whole = generator.sample(6, seed=3, steps=6, batch_size=6, modality="MR")
     split = generator.sample(6, seed=3, steps=6, batch_size=2, modality="MR")

@@ -27,7 +27,12 @@ import torch
 from node.config import NodePaths
 from node.errors import TrainingError
 from node.generator.checkpoint import checkpoint_path, load_checkpoint
-from node.generator.device import autocast, choose_device
+from node.generator.device import (
+    autocast,
+    autoencoder_precision,
+    choose_device,
+    resolve_precision,
+)
 from node.generator.networks import build_autoencoder, build_unet, make_scheduler
 from node.generator.presets import GeneratorConfig, config_from_dict
 from node.generator.train import step_seed
@@ -56,6 +61,9 @@ class Generator:
             )
         self.config: GeneratorConfig = config_from_dict(state["config"])
         self.device = device
+        # Resolved on the machine that samples, which need not be the one that trained.
+        self.unet_precision = resolve_precision(device, self.config.diffusion_precision)
+        self.ae_precision = autoencoder_precision(device)
         self.image_size: int = int(state["image_size"])
         self.modalities: list[str] = list(state["modalities"])
         self.counts_by_modality: dict[str, int] = dict(state["counts_by_modality"])
@@ -114,6 +122,10 @@ class Generator:
             "steps": self.steps_trained,
             "ae_steps": cfg.ae_steps,
             "diffusion_steps": cfg.diffusion_steps,
+            # How these images were sampled (resolved on this machine): bf16 and float32
+            # sampling from the same seed give slightly different images.
+            "sampling_precision": {"unet": self.unet_precision,
+                                   "autoencoder": self.ae_precision},
         }
 
     # ---- sampling ---------------------------------------------------------------------------
@@ -169,7 +181,7 @@ class Generator:
         """The UNet's prediction; ``labels`` per image (None: unconditional), ``guided``:
         classifier-free guidance applies (decided once per batch by :meth:`_batch_labels`)."""
         timesteps = t.expand(z.shape[0]).to(self.device)
-        with autocast(self.device):
+        with autocast(self.device, self.unet_precision):
             if labels is None:
                 return self.unet(z, timesteps).float()
             if not guided:
@@ -243,7 +255,7 @@ class Generator:
                     z = z.to(self.device)
                 else:
                     z = sched.step(pred, t, z).prev_sample
-            with autocast(self.device):
+            with autocast(self.device, self.ae_precision):
                 images = self.autoencoder.decode(z / self.scale_factor).float()
             out[start : start + n] = images.clamp(0.0, 1.0)[:, 0].cpu().numpy()
         return out
@@ -256,7 +268,7 @@ class Generator:
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size],
                                                       dtype=np.float32))
-            with autocast(self.device):
+            with autocast(self.device, self.ae_precision):
                 rec = self.autoencoder.reconstruct(x.unsqueeze(1).to(self.device))
             chunks.append(rec.float().clamp(0.0, 1.0)[:, 0].cpu().numpy())
         return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:]), np.float32)
@@ -269,7 +281,7 @@ class Generator:
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size],
                                                       dtype=np.float32))
-            with autocast(self.device):
+            with autocast(self.device, self.ae_precision):
                 z_mu, _ = self.autoencoder.encode(x.unsqueeze(1).to(self.device))
             pooled = torch.nn.functional.adaptive_avg_pool2d(z_mu.float(), 4)
             chunks.append(pooled.flatten(1).cpu().numpy())

@@ -12,10 +12,12 @@ from typing import Literal
 
 from protocols.typed import setting
 
-__all__ = ["GeneratorSettings", "PresetName", "PRESET_NAMES"]
+__all__ = ["GeneratorSettings", "PresetName", "PRESET_NAMES", "PRECISIONS"]
 
 PresetName = Literal["tiny", "cpu", "gpu"]
 PRESET_NAMES: tuple[str, ...] = ("tiny", "cpu", "gpu")
+#: ``diffusion_precision`` values; ``auto`` resolves per machine (node.generator.device).
+PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 
 _P = " (null: from the preset)"
 
@@ -68,6 +70,11 @@ class GeneratorSettings:
         "arXiv 2303.09556: min(SNR, gamma) over the objective's own SNR weight)" + _P,
     )
     min_snr_gamma: float | None = setting(None, "gamma of the min_snr loss weighting" + _P)
+    diffusion_precision: Literal["auto", "float32", "bfloat16"] | None = setting(
+        None,
+        "UNet arithmetic in training and sampling: bfloat16 autocast, float32, or auto (bf16 on\n"
+        "CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; float32 elsewhere)" + _P,
+    )
     train_timesteps: int | None = setting(None, "diffusion timesteps of the DDPM process" + _P)
     beta_schedule: Literal["linear", "scaled_linear"] | None = setting(
         None, "noise schedule, shared by training and every sampler" + _P

@@ -34,7 +34,13 @@ from node.generator.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from node.generator.device import autocast, choose_device, describe_device
+from node.generator.device import (
+    autocast,
+    autoencoder_precision,
+    choose_device,
+    describe_device,
+    resolve_precision,
+)
 from node.generator.networks import (
     Ema,
     build_autoencoder,
@@ -167,6 +173,8 @@ class _Run:
         self.cfg = cfg
         self.data = data
         self.device = device
+        self.unet_precision = resolve_precision(device, cfg.diffusion_precision)
+        self.ae_precision = autoencoder_precision(device)
         self.digest = digest
         self.step = 0  # global: autoencoder steps then diffusion steps
         self.scale_factor: float | None = None
@@ -289,7 +297,7 @@ class _Run:
             (len(idx), cfg.ae_latent_channels, *self._latent_hw()), generator=g
         ).to(self.device)
         self.ae.train()
-        with autocast(self.device):
+        with autocast(self.device, self.ae_precision):
             z_mu, z_sigma = self.ae.encode(x)
             z = z_mu + z_sigma * eps
             recon = self.ae.decode(z)
@@ -338,7 +346,7 @@ class _Run:
         chunks = []
         for start in range(0, self.data.n, 64):
             x = torch.from_numpy(self.data.images[start : start + 64]).unsqueeze(1)
-            with autocast(self.device):
+            with autocast(self.device, self.ae_precision):
                 z_mu, _ = model.encode(x.to(self.device))
             chunks.append(z_mu.float())
         self.latents = torch.cat(chunks)
@@ -372,7 +380,7 @@ class _Run:
             null = torch.full_like(labels, len(self.data.classes))
             labels = torch.where(drop < cfg.condition_dropout, null, labels)
         self.unet.train()
-        with autocast(self.device):
+        with autocast(self.device, self.unet_precision):
             pred = self.unet(zt, t, class_labels=labels)
         sq = (pred.float() - target).pow(2)
         mse = sq.mean()
@@ -508,9 +516,10 @@ def train_generator(
         run_id = "train-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     log = _RunLog(paths.runs / run_id, run.step if state is not None else None)
     echo = progress
+    device_line = describe_device(torch_device, run.unet_precision, run.ae_precision)
     log.say(
         f"{'resuming' if state else 'training'} generator: preset {cfg.preset}, device "
-        f"{describe_device(torch_device)}, {data.n} train slices {data.counts_by_modality} at "
+        f"{device_line}, {data.n} train slices {data.counts_by_modality} at "
         f"{data.size}x{data.size}, conditioning {data.conditioning}, steps "
         f"{cfg.ae_steps} + {cfg.diffusion_steps}, from step {run.step}",
         echo,
@@ -562,7 +571,8 @@ def train_generator(
         "run_id": run_id,
         "run_dir": str(log.dir),
         "preset": cfg.preset,
-        "device": describe_device(torch_device),
+        "device": device_line,
+        "precision": {"unet": run.unet_precision, "autoencoder": run.ae_precision},
         "step": run.step,
         "total_steps": cfg.total_steps,
         "ae_steps": cfg.ae_steps,
