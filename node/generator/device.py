@@ -21,7 +21,6 @@ from node.errors import TrainingError
 from node.generator.settings import PRECISIONS
 
 __all__ = [
-    "PRECISIONS",
     "Precision",
     "autocast",
     "autoencoder_precision",

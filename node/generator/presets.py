@@ -21,8 +21,8 @@ LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 #: Keys added after checkpoints were first written, with the value that reproduces how those
 #: checkpoints were trained; a checkpoint without them loads with these.
-#: ``diffusion_precision`` "auto" resolves as those checkpoints ran on CUDA (bf16) and samples
-#: them in bf16 on a CPU with native bf16 (they were trained in float32 there).
+#: Older checkpoints sample with ``diffusion_precision: auto`` like new ones (bf16 where the
+#: machine has it natively), although those trained on a CPU were trained in float32.
 _LEGACY_DEFAULTS: dict[str, Any] = {"loss_weighting": "uniform", "min_snr_gamma": 5.0,
                                     "diffusion_precision": "auto"}
 
