@@ -12,12 +12,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from node.generator.settings import PRECISIONS, PRESET_NAMES, GeneratorSettings
+from node.generator.settings import (
+    LOSS_WEIGHTINGS,
+    PRECISIONS,
+    PRESET_NAMES,
+    GeneratorSettings,
+)
 from protocols.errors import ConfigError
 
 __all__ = ["PRESETS", "GeneratorConfig", "resolve_config", "config_from_dict", "LOSS_WEIGHTINGS"]
 
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 #: Keys added after checkpoints were first written, with the value that reproduces how those
 #: checkpoints were trained; a checkpoint without them loads with these.

@@ -8,16 +8,20 @@ fully concrete configuration is what a checkpoint records.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from protocols.typed import setting
 
-__all__ = ["GeneratorSettings", "PresetName", "PRESET_NAMES", "PRECISIONS"]
+__all__ = ["GeneratorSettings", "PresetName", "PRESET_NAMES", "PrecisionSetting", "PRECISIONS",
+           "LossWeighting", "LOSS_WEIGHTINGS"]
 
 PresetName = Literal["tiny", "cpu", "gpu"]
 PRESET_NAMES: tuple[str, ...] = ("tiny", "cpu", "gpu")
 #: ``diffusion_precision`` values; ``auto`` resolves per machine (node.generator.device).
-PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
+PrecisionSetting = Literal["auto", "float32", "bfloat16"]
+PRECISIONS: tuple[str, ...] = get_args(PrecisionSetting)
+LossWeighting = Literal["uniform", "min_snr"]
+LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 
 _P = " (null: from the preset)"
 
@@ -64,13 +68,13 @@ class GeneratorSettings:
     prediction_type: Literal["epsilon", "v_prediction"] | None = setting(
         None, "what the UNet predicts: the noise (epsilon) or the velocity (v_prediction)" + _P
     )
-    loss_weighting: Literal["uniform", "min_snr"] | None = setting(
+    loss_weighting: LossWeighting | None = setting(
         None,
         "stage 2 loss weight per timestep: uniform, or min_snr (Hang et al. 2023,\n"
         "arXiv 2303.09556: min(SNR, gamma) over the objective's own SNR weight)" + _P,
     )
     min_snr_gamma: float | None = setting(None, "gamma of the min_snr loss weighting" + _P)
-    diffusion_precision: Literal["auto", "float32", "bfloat16"] | None = setting(
+    diffusion_precision: PrecisionSetting | None = setting(
         None,
         "UNet arithmetic in training and sampling: bfloat16 autocast, float32, or auto (bf16 on\n"
         "CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; float32 elsewhere)" + _P,
