@@ -103,6 +103,8 @@ MAX_TILES = 500  # tiles per level: keeps the GEMM at d + 4 <= 1004 terms
 PROJECTION_DIMS = 16  # principal axes of the projected first level (0: none)
 _U64 = 2.0**-53
 _SEED_REFS = 8
+_STATS_QUERIES = 16  # queries whose tile statistics are computed together, at most
+_STATS_ENTRIES = 1 << 21  # source pixels of those queries, at most (float64 sums of each)
 TILES_VERSION = 2  # of TileIndex.state
 
 
@@ -123,13 +125,21 @@ def tile_sizes(h: int, w: int, per_side: tuple[int, ...] = (7, 14)) -> tuple[int
 
 
 def _prefix(sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 prefix sums of ``sources`` [..., H, W] and of their squares, zero-padded."""
+    """float64 prefix sums of ``sources`` [..., H, W] and of their squares, zero-padded.
+
+    The same sums as ``cumsum`` down the rows then along them (sequential adds in that
+    order), with the row pass as one vectorised add per row: numpy's cumsum across rows of
+    a large array is several times slower."""
     x = np.asarray(sources, dtype=np.float64)
     shape = (*x.shape[:-2], x.shape[-2] + 1, x.shape[-1] + 1)
     p1 = np.zeros(shape)
     p2 = np.zeros(shape)
-    np.cumsum(np.cumsum(x, axis=-2), axis=-1, out=p1[..., 1:, 1:])
-    np.cumsum(np.cumsum(x * x, axis=-2), axis=-1, out=p2[..., 1:, 1:])
+    np.multiply(x, x, out=p2[..., 1:, 1:])
+    p1[..., 1:, 1:] = x
+    for p in (p1, p2):
+        for i in range(2, shape[-2]):
+            np.add(p[..., i, 1:], p[..., i - 1, 1:], out=p[..., i, 1:])
+        np.cumsum(p[..., 1:, 1:], axis=-1, out=p[..., 1:, 1:])
     return p1, p2
 
 
@@ -179,10 +189,18 @@ def tile_statistics(
 def _finish(
     s1: np.ndarray, s2: np.ndarray, b: int, delta: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(a, delta) from the tile sums ``s1`` and sums of squares ``s2`` [Q, T, m]."""
-    rho2 = s2 - s1 * s1 / float(b * b)
+    """(a, delta) from the tile sums ``s1`` and sums of squares ``s2`` [Q, T, m]. ``s2`` is
+    overwritten: the arrays here are large, and each fresh one costs page faults."""
+    m = s1.shape[-1]
+    a = np.empty((*s1.shape[:-1], 2 * m))
+    square = np.multiply(s1, s1, out=a[..., m:])
+    square /= float(b * b)
+    rho2 = s2
+    rho2 -= square  # s2 - s1 * s1 / n, as before
     np.maximum(rho2, 0.0, out=rho2)
-    return np.concatenate([s1 / float(b), np.sqrt(rho2)], axis=2), delta
+    np.sqrt(rho2, out=a[..., m:])
+    np.divide(s1, float(b), out=a[..., :m])
+    return a, delta
 
 
 def _left(a: np.ndarray, delta: np.ndarray) -> np.ndarray:
@@ -240,11 +258,15 @@ class _Projection:
 
     def __call__(self, a: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(b [..., dims + 1], delta_b) of first-level vectors ``a`` [..., d] and ``delta``."""
-        coords = a @ self.axes
-        rest = a - coords @ self.axes.T
-        resid = np.sqrt(np.einsum("...i,...i->...", rest, rest))
-        norm = np.sqrt(np.einsum("...i,...i->...", a, a))
-        return np.concatenate([coords, resid[..., None]], axis=-1), delta + self.slack * norm
+        flat = a.reshape(-1, a.shape[-1])  # one GEMM, not one per leading index
+        dims = self.axes.shape[1]
+        out = np.empty((flat.shape[0], dims + 1))
+        coords = np.matmul(flat, self.axes, out=out[:, :dims])
+        rest = coords @ self.axes.T
+        np.subtract(flat, rest, out=rest)
+        out[:, dims] = np.sqrt(np.einsum("ij,ij->i", rest, rest))
+        norm = np.sqrt(np.einsum("ij,ij->i", flat, flat)).reshape(a.shape[:-1])
+        return out.reshape(*a.shape[:-1], dims + 1), delta + self.slack * norm
 
 
 class _BlockStats:
@@ -458,10 +480,15 @@ class TileIndex:
 
         n_chunk = int(min(self.n, max(1024, block_entries // t)))
         q_block = max(1, block_entries // (t * n_chunk))
-        for q0 in range(0, q, q_block):
-            q1 = min(q, q0 + q_block)
+        # The tile statistics of a block of queries come from one set of numpy calls (query
+        # by query they were a third of the search); the GEMMs then run on ``q_block`` of
+        # them at a time. Statistics are per query, so the split changes no value.
+        per_query = int(np.prod(windows.sources.shape[1:]))  # source pixels of one query
+        s_block = max(q_block, min(_STATS_QUERIES, q, _STATS_ENTRIES // per_query))
+        for s0 in range(0, q, s_block):
+            s1 = min(q, s0 + s_block)
             part = _BlockStats(
-                Windows(windows.sources[q0:q1], windows.offsets, windows.shape), self.sizes
+                Windows(windows.sources[s0:s1], windows.offsets, windows.shape), self.sizes
             )
             a0, delta0 = part.stats(0, slice(None), slice(None))
             left0 = _left(a0, delta0)
@@ -470,27 +497,29 @@ class TileIndex:
                 first, first_right = _left(*self.projection(a0, delta0)), self.right_projected
             else:
                 first, first_right = left0, self.right[0]
-            for n0 in range(0, self.n, n_chunk):
-                n1 = min(self.n, n0 + n_chunk)
-                lb_first = (first.reshape((q1 - q0) * t, -1) @ first_right[:, n0:n1]).reshape(
-                    q1 - q0, t, n1 - n0
-                )
-                for j in range(q1 - q0):
-                    qi = q0 + j
-                    lb = lb_first[j]
-                    if not math.isfinite(cap_sq):
-                        self._seed(lb, qi, n0, fetch, top, evaluated)
-                    limit = min(float(top.sq[qi, k - 1]), cap_sq)
-                    cols = np.arange(n0, n1)
-                    if first is not left0:  # the full first level on the references left
-                        low, live = _prune(lb, limit)
+            for q0 in range(0, s1 - s0, q_block):
+                q1 = min(s1 - s0, q0 + q_block)
+                for n0 in range(0, self.n, n_chunk):
+                    n1 = min(self.n, n0 + n_chunk)
+                    lb_first = (
+                        first[q0:q1].reshape((q1 - q0) * t, -1) @ first_right[:, n0:n1]
+                    ).reshape(q1 - q0, t, n1 - n0)
+                    for j in range(q0, q1):
+                        qi = s0 + j
+                        lb = lb_first[j - q0]
+                        if not math.isfinite(cap_sq):
+                            self._seed(lb, qi, n0, fetch, top, evaluated)
+                        limit = min(float(top.sq[qi, k - 1]), cap_sq)
+                        cols = np.arange(n0, n1)
+                        if first is not left0:  # the full first level on the references left
+                            low, live = _prune(lb, limit)
+                            floor[qi] = min(floor[qi], low)
+                            cols = cols[live]
+                            if cols.size == 0:
+                                continue
+                            lb = left0[j] @ self.right[0][:, cols]
+                        low = self._cascade(lb, cols, part, j, qi, limit, fetch, top, evaluated)
                         floor[qi] = min(floor[qi], low)
-                        cols = cols[live]
-                        if cols.size == 0:
-                            continue
-                        lb = left0[j] @ self.right[0][:, cols]
-                    low = self._cascade(lb, cols, part, j, qi, limit, fetch, top, evaluated)
-                    floor[qi] = min(floor[qi], low)
         np.minimum(floor, top.sq[:, 0], out=floor)
         if math.isfinite(cap_sq):
             over = top.sq >= cap_sq

@@ -215,6 +215,33 @@ def test_tile_search_over_several_reference_chunks_equals_brute_force(cap: float
     assert np.all(got.floor_sq <= want.sq[:, 0])
 
 
+@pytest.mark.parametrize("cap", [math.inf, 0.5])
+def test_tile_search_in_several_blocks_of_query_statistics_equals_brute_force(
+    cap: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tile statistics of the queries are computed a block at a time (and the GEMMs on
+    # fewer queries at once): with blocks of 3 and 7 queries over 20, every value is the
+    # same as in one block, and equal to brute force.
+    import privacy.tiles as tiles
+
+    rng = np.random.default_rng(22)
+    ref = rng.random((300, 12, 12)).astype(np.float32)
+    cand = (ref[rng.integers(0, 300, 20)] + rng.normal(0, 0.03, (20, 12, 12))).astype(np.float32)
+    metric = ShiftFlipDistance(2)
+    feats = metric.reference_features(ref)
+    windows = metric.windows(cand)
+    index = TileIndex(feats, windows.shape)
+    whole = index.nearest(windows, k=2, cap_sq=cap)
+    want = brute_force_nearest(windows.variants(), feats, k=2)
+    np.testing.assert_array_equal(whole.sq, np.where(want.sq < cap, want.sq, np.inf))
+    for block in (3, 7):
+        monkeypatch.setattr(tiles, "_STATS_QUERIES", block)
+        got = index.nearest(windows, k=2, cap_sq=cap, block_entries=1 << 10)
+        np.testing.assert_array_equal(got.sq, whole.sq)
+        np.testing.assert_array_equal(got.index, whole.index)
+        np.testing.assert_array_equal(got.floor_sq, whole.floor_sq)
+
+
 def test_guard_workers_default_to_the_blas_threads_and_refuse_zero() -> None:
     from privacy.guard import blas_threads
 
