@@ -3,7 +3,11 @@
     python bench/bench_compare.py build --task denoise|sr      # site homes via node.ingest
     python bench/bench_compare.py generators --task denoise|sr [--preset tiny|cpu]
         [--max-steps N] [--ae-steps N --diffusion-steps N]     # each site's own generator
+    python bench/bench_compare.py restage --task denoise|sr --set KEY=VALUE --suffix SUFFIX
+        [--diffusion-steps N]    # copies of the site homes: a new stage 2 on each site's own
+                                 # autoencoder, with one setting changed (a wider UNet, say)
     python bench/bench_compare.py synth --task denoise|sr [--count N]   # arm S's guarded data
+        [--home-suffix SUFFIX --synthetic-dir NAME]   # from the restaged copies
     python bench/bench_compare.py run --task denoise|sr [--steps N] [--batch-size N]
         [--arms S,R,L,F,0] [--synthetic guard|none] [--preset cpu|tiny] [--no-record]
         [--count-per-site N] [--synthetic-dir NAME]
@@ -240,16 +244,74 @@ def _checkpoint_digest(site_cfg) -> str | None:  # type: ignore[no-untyped-def]
     return sha256_file(ckpt) if ckpt.exists() else None
 
 
-def synth(task: str, count: int, seed: int) -> None:
-    """Arm S's data, made ahead of the run: generate_and_screen at each site (real guard),
-    the accepted images cached in bench/out (they are synthetic, guard-accepted)."""
+def restage(task: str, setting: str, suffix: str, diffusion_steps: int) -> None:
+    """A new stage 2 for every site on its own trained autoencoder, with one setting changed.
+
+    Each site home is copied to ``<home><suffix>`` (its runs left behind), the copy's
+    checkpoint is put back to the end of its autoencoder stage, ``setting`` (``key=value``,
+    channel lists as 64-128-128) is written into its config (a setting that changes the UNet's
+    shape starts a freshly initialised UNet), and the diffusion stage is trained again from
+    there: ``diffusion_steps`` (0: as the checkpoint says) with a full LR schedule. The
+    originals are not touched; ``synth --home-suffix`` samples from the copies.
+    """
     import json
+    import shutil
+
+    from bench_generator import _arm_setting, _fresh_unet
+
+    from node.config import load_node_config, resolve_home
+    from node.generator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from node.generator.train import train_generator
+
+    key, value = _arm_setting("", setting)
+    if not key:
+        raise SystemExit("--set takes key=value, e.g. unet_channels=64-128-128")
+    if isinstance(value, str):
+        try:  # numbers and booleans as numbers and booleans; other words stay strings
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    config = _load(task)
+    for site_cfg in config.sites:
+        source = REPO / site_cfg.home
+        home = source.parent / f"{source.name}{suffix}"
+        if home.exists():
+            shutil.rmtree(home)
+        shutil.copytree(source, home, ignore=shutil.ignore_patterns("runs"))
+        paths = resolve_home(home)
+        state, _ = load_checkpoint(checkpoint_path(paths))
+        state.pop("format", None)
+        cfg = state["config"]
+        cfg[key] = value
+        if diffusion_steps:
+            cfg["diffusion_steps"] = diffusion_steps
+        state["step"] = int(cfg["ae_steps"])  # the end of stage 1: stage 2 starts over
+        state["stage"] = "diffusion"
+        state["run_id"] = f"{state['run_id']}-restaged{suffix}"
+        _fresh_unet(paths, state)  # a fresh UNet, EMA, optimiser and schedule in any case
+        save_checkpoint(checkpoint_path(paths), state)
+        t0 = time.monotonic()
+        summary = train_generator(paths, load_node_config(paths), resume=True, progress=True,
+                                  quality=False)
+        print(f"{site_cfg.name}{suffix}: {key}={value}, stage 2 of {cfg['diffusion_steps']}"
+              f" steps from the site's autoencoder in {time.monotonic() - t0:.0f} s; final"
+              f" {summary.get('final_losses')}; {summary.get('device')}")
+
+
+def synth(task: str, count: int, seed: int, home_suffix: str = "",
+          synthetic_dir: str = "synthetic") -> None:
+    """Arm S's data, made ahead of the run: generate_and_screen at each site (real guard),
+    the accepted images cached in bench/out (they are synthetic, guard-accepted).
+    ``home_suffix``: sample from the sites' restaged copies (``restage``) instead."""
+    import json
+    from dataclasses import replace as _replace
 
     from coordinator.restore.compare import _load_site, guarded_synthetic_source, nothing_from
     from privacy.errors import GuardError
 
     config = _load(task)
-    out = _synthetic_dir(task)
+    config.sites = [_replace(s, home=f"{s.home}{home_suffix}") for s in config.sites]
+    out = _synthetic_dir(task, synthetic_dir)
     for site_cfg in config.sites:
         target = out / f"{site_cfg.name}.npy"
         meta = out / f"{site_cfg.name}.json"
@@ -546,6 +608,14 @@ def main() -> None:
     y.add_argument("--task", choices=("denoise", "sr"), required=True)
     y.add_argument("--count", type=int, default=0, help="per site; 0 = its train count")
     y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--home-suffix", default="", help="the restaged copies of the site homes")
+    y.add_argument("--synthetic-dir", default="synthetic",
+                   help="the set's folder under bench/out/compare/TASK")
+    rs = sub.add_parser("restage")
+    rs.add_argument("--task", choices=("denoise", "sr"), required=True)
+    rs.add_argument("--set", required=True, help="key=value, e.g. unet_channels=64-128-128")
+    rs.add_argument("--suffix", required=True, help="the copies are <home><suffix>")
+    rs.add_argument("--diffusion-steps", type=int, default=0)
     r = sub.add_parser("run")
     r.add_argument("--task", choices=("denoise", "sr"), required=True)
     r.add_argument("--steps", type=int, default=0)
@@ -581,7 +651,9 @@ def main() -> None:
         generators(args.task, args.preset, args.max_steps, args.ae_steps,
                    args.diffusion_steps)
     elif args.cmd == "synth":
-        synth(args.task, args.count, args.seed)
+        synth(args.task, args.count, args.seed, args.home_suffix, args.synthetic_dir)
+    elif args.cmd == "restage":
+        restage(args.task, args.set, args.suffix, args.diffusion_steps)
     elif args.cmd == "diagnose":
         diagnose(args.task, args.kind)
     else:
