@@ -248,19 +248,17 @@ def restage(task: str, setting: str, suffix: str, diffusion_steps: int) -> None:
     """A new stage 2 for every site on its own trained autoencoder, with one setting changed.
 
     Each site home is copied to ``<home><suffix>`` (its runs left behind), the copy's
-    checkpoint is put back to the end of its autoencoder stage, ``setting`` (``key=value``,
-    channel lists as 64-128-128) is written into its config (a setting that changes the UNet's
-    shape starts a freshly initialised UNet), and the diffusion stage is trained again from
+    checkpoint is put back to the end of its autoencoder stage with a freshly initialised UNet
+    (``bench_generator.stage2_copy``), ``setting`` (``key=value``, channel lists as
+    64-128-128) is written into its config, and the diffusion stage is trained again from
     there: ``diffusion_steps`` (0: as the checkpoint says) with a full LR schedule. The
     originals are not touched; ``synth --home-suffix`` samples from the copies.
     """
     import json
-    import shutil
 
-    from bench_generator import _arm_setting, _fresh_unet
+    from bench_generator import _arm_setting, stage2_copy
 
-    from node.config import load_node_config, resolve_home
-    from node.generator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from node.config import load_node_config
     from node.generator.train import train_generator
 
     key, value = _arm_setting("", setting)
@@ -271,31 +269,21 @@ def restage(task: str, setting: str, suffix: str, diffusion_steps: int) -> None:
             value = json.loads(value)
         except json.JSONDecodeError:
             pass
+    edits: dict[str, object] = {key: value}
+    if diffusion_steps:
+        edits["diffusion_steps"] = diffusion_steps
     config = _load(task)
     for site_cfg in config.sites:
         source = REPO / site_cfg.home
-        home = source.parent / f"{source.name}{suffix}"
-        if home.exists():
-            shutil.rmtree(home)
-        shutil.copytree(source, home, ignore=shutil.ignore_patterns("runs"))
-        paths = resolve_home(home)
-        state, _ = load_checkpoint(checkpoint_path(paths))
-        state.pop("format", None)
-        cfg = state["config"]
-        cfg[key] = value
-        if diffusion_steps:
-            cfg["diffusion_steps"] = diffusion_steps
-        state["step"] = int(cfg["ae_steps"])  # the end of stage 1: stage 2 starts over
-        state["stage"] = "diffusion"
-        state["run_id"] = f"{state['run_id']}-restaged{suffix}"
-        _fresh_unet(paths, state)  # a fresh UNet, EMA, optimiser and schedule in any case
-        save_checkpoint(checkpoint_path(paths), state)
+        paths = stage2_copy(source, source.parent / f"{source.name}{suffix}", edits,
+                            restart=True)
         t0 = time.monotonic()
         summary = train_generator(paths, load_node_config(paths), resume=True, progress=True,
                                   quality=False)
-        print(f"{site_cfg.name}{suffix}: {key}={value}, stage 2 of {cfg['diffusion_steps']}"
-              f" steps from the site's autoencoder in {time.monotonic() - t0:.0f} s; final"
-              f" {summary.get('final_losses')}; {summary.get('device')}")
+        print(f"{site_cfg.name}{suffix}: {key}={value}, stage 2 of"
+              f" {summary.get('diffusion_steps')} steps from the site's autoencoder in"
+              f" {time.monotonic() - t0:.0f} s; final {summary.get('final_losses')};"
+              f" {summary.get('device')}")
 
 
 def synth(task: str, count: int, seed: int, home_suffix: str = "",
@@ -304,13 +292,13 @@ def synth(task: str, count: int, seed: int, home_suffix: str = "",
     the accepted images cached in bench/out (they are synthetic, guard-accepted).
     ``home_suffix``: sample from the sites' restaged copies (``restage``) instead."""
     import json
-    from dataclasses import replace as _replace
+    from dataclasses import replace
 
     from coordinator.restore.compare import _load_site, guarded_synthetic_source, nothing_from
     from privacy.errors import GuardError
 
     config = _load(task)
-    config.sites = [_replace(s, home=f"{s.home}{home_suffix}") for s in config.sites]
+    config.sites = [replace(s, home=f"{s.home}{home_suffix}") for s in config.sites]
     out = _synthetic_dir(task, synthetic_dir)
     for site_cfg in config.sites:
         target = out / f"{site_cfg.name}.npy"
@@ -328,8 +316,6 @@ def synth(task: str, count: int, seed: int, home_suffix: str = "",
                 print(f"{site_cfg.name}: cached {target}")
                 continue
             print(f"{site_cfg.name}: the cached set was made with {stale}; remaking it")
-        from dataclasses import replace
-
         site = _load_site(replace(site_cfg, home=str(REPO / site_cfg.home)), config.modality)
         n = count or int(site.train.shape[0])
         t0 = time.monotonic()

@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -352,14 +352,42 @@ def _fresh_unet(paths: object, state: dict[str, object]) -> None:
         state[part] = fresh[part]
 
 
+def stage2_copy(base: Path, home: Path, edits: dict[str, object], *,
+                restart: bool = False, fresh_unet: bool = False) -> Any:
+    """Copy the node home ``base`` to ``home`` (its runs left behind) with its generator
+    checkpoint edited for a new diffusion stage: ``edits`` written into the checkpoint's
+    config; ``restart`` puts it back to the end of its autoencoder stage; a freshly
+    initialised UNet (with EMA, optimiser and schedule) when ``fresh_unet`` or ``restart``.
+    Returns the copy's NodePaths; ``train_generator(..., resume=True)`` trains the stage."""
+    import shutil
+
+    from node.config import resolve_home
+    from node.generator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+
+    if home.exists():
+        shutil.rmtree(home)
+    shutil.copytree(base, home, ignore=shutil.ignore_patterns("runs"))
+    paths = resolve_home(str(home))
+    state, _ = load_checkpoint(checkpoint_path(paths))
+    state.pop("format", None)
+    state["config"].update(edits)
+    if restart:
+        state["step"] = int(state["config"]["ae_steps"])  # stage 2 starts over
+        state["stage"] = "diffusion"
+        state["run_id"] = f"{state['run_id']}-{home.name}"
+    if fresh_unet or restart:
+        _fresh_unet(paths, state)
+    save_checkpoint(checkpoint_path(paths), state)
+    return paths
+
+
 def cmd_weighting(args: argparse.Namespace) -> None:
     """A/B of one stage-2 setting (``--key``) on one autoencoder, in one sitting."""
-    import shutil
 
     import torch
 
     from node.config import load_node_config, resolve_home
-    from node.generator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from node.generator.checkpoint import checkpoint_path, load_checkpoint
     from node.generator.sampling import load_generator
     from node.generator.train import train_generator
 
@@ -395,22 +423,13 @@ def cmd_weighting(args: argparse.Namespace) -> None:
     for arm in arms:
         suffix = f"-s{args.seed}" if args.seed is not None else ""
         home = base.root.parent / f"{base.root.name}-{arm.replace('=', '-')}{suffix}"
-        if home.exists():
-            shutil.rmtree(home)
-        shutil.copytree(base.root, home, ignore=shutil.ignore_patterns("runs"))
-        paths = resolve_home(str(home))
-        state, _ = load_checkpoint(checkpoint_path(paths))
-        state.pop("format", None)
         key, value = _arm_setting(args.key, arm)
-        state["config"][key] = value
-        state["config"]["min_snr_gamma"] = args.gamma
-        if key in ARCHITECTURE_KEYS:
-            _fresh_unet(paths, state)
+        edits: dict[str, object] = {key: value, "min_snr_gamma": args.gamma}
         if args.seed is not None:
             # The autoencoder is trained already: the seed now decides only the diffusion
             # stage's batches, timesteps and noise, and the quality report's samples.
-            state["config"]["seed"] = args.seed
-        save_checkpoint(checkpoint_path(paths), state)
+            edits["seed"] = args.seed
+        paths = stage2_copy(base.root, home, edits, fresh_unet=key in ARCHITECTURE_KEYS)
         t0 = time.perf_counter()
         summary = train_generator(paths, load_node_config(paths), resume=True, progress=True)
         wall = time.perf_counter() - t0

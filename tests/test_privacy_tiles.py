@@ -231,6 +231,7 @@ def test_tile_search_in_several_blocks_of_query_statistics_equals_brute_force(
     feats = metric.reference_features(ref)
     windows = metric.windows(cand)
     index = TileIndex(feats, windows.shape)
+    monkeypatch.setattr(tiles, "_STATS_QUERIES", 20)  # one block of all 20
     whole = index.nearest(windows, k=2, cap_sq=cap)
     want = brute_force_nearest(windows.variants(), feats, k=2)
     np.testing.assert_array_equal(whole.sq, np.where(want.sq < cap, want.sq, np.inf))
