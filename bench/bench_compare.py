@@ -234,6 +234,89 @@ def stand_in(paths, modality: str, kind: str):  # type: ignore[no-untyped-def]
     return images, info
 
 
+def _farthest_points(feats, n: int):  # type: ignore[no-untyped-def]
+    """Greedy k-centre: indices of ``n`` points, each the farthest from those before it
+    (starting with point 0), in increasing order."""
+    import numpy as np
+
+    f = np.asarray(feats, dtype=np.float64)
+    chosen = [0]
+    gap = np.linalg.norm(f - f[0], axis=1)
+    for _ in range(n - 1):
+        nxt = int(np.argmax(gap))
+        chosen.append(nxt)
+        gap = np.minimum(gap, np.linalg.norm(f - f[nxt], axis=1))
+    return np.sort(np.asarray(chosen))
+
+
+SELECTIONS = {
+    "realism": "the highest realism score (k=3, site autoencoder features) against the site's "
+               "train slices",
+    "coverage": "greedy farthest-point (k-centre) coverage of the set in the site autoencoder's "
+                "feature space",
+}
+
+
+def select_subset(task: str, source: str, out_name: str, method: str) -> None:
+    """Arm S from part of a larger guard-accepted set (bench only).
+
+    For every site, the site's train count of images is kept (in their original order) from
+    the ``source`` set (made by ``synth --count N``, N above that count), as ``out_name``:
+    ``realism``: those with the highest :func:`node.generator.quality.realism_scores` in the
+    site generator's feature space against the site's train slices; ``coverage``: a greedy
+    farthest-point cover of the set in that feature space. Every kept image is one the guard
+    accepted; a selection only drops some.
+    """
+    import json
+
+    import numpy as np
+
+    from node.config import resolve_home
+    from node.generator.quality import precision_recall, realism_scores
+    from node.generator.sampling import load_generator
+    from node.store import Store
+
+    config = _load(task)
+    src, out = _synthetic_dir(task, source), _synthetic_dir(task, out_name)
+    out.mkdir(parents=True, exist_ok=True)
+    for site_cfg in config.sites:
+        t0 = time.monotonic()
+        paths = resolve_home(REPO / site_cfg.home)
+        gen = load_generator(paths)
+        with Store(paths.store) as store:
+            real = store.load(store.records(split="train", modality=config.modality))
+            scale, offset, _ = store.physical_mapping(config.modality)
+        pool_phys = np.load(src / f"{site_cfg.name}.npy")
+        n = len(real)
+        if len(pool_phys) <= n:
+            raise SystemExit(f"{src}/{site_cfg.name}.npy holds {len(pool_phys)} images, not "
+                             f"more than the site's {n} train slices: nothing to select")
+        pool = ((pool_phys - np.float32(offset)) / np.float32(scale)).astype(np.float32)
+        real_f, pool_f = gen.features(real), gen.features(pool)
+        scores = realism_scores(real_f, pool_f)
+        if method == "realism":
+            keep = np.sort(np.argsort(-scores, kind="stable")[:n])
+        else:
+            keep = _farthest_points(pool_f, n)
+        p_first, r_first = precision_recall(real_f, pool_f[:n])
+        p_kept, r_kept = precision_recall(real_f, pool_f[keep])
+        info = json.loads((src / f"{site_cfg.name}.json").read_text(encoding="utf-8"))
+        info.update({
+            "accepted": int(n),
+            "selection": f"the {n} of {len(pool)} guard-accepted images of {source} by "
+                         f"{SELECTIONS[method]}",
+            "precision_recall_first_n": [round(p_first, 4), round(r_first, 4)],
+            "precision_recall_kept": [round(p_kept, 4), round(r_kept, 4)],
+            "realism_median_first_n": round(float(np.median(scores[:n])), 4),
+            "realism_median_kept": round(float(np.median(scores[keep])), 4),
+        })
+        _write_set(out, site_cfg.name, pool_phys[keep], info)
+        print(f"{site_cfg.name}: kept {n} of {len(pool)} by {method} (median realism "
+              f"{info['realism_median_first_n']} first {n} -> {info['realism_median_kept']}); "
+              f"precision / recall {p_first:.3f} / {r_first:.3f} (first {n}) -> "
+              f"{p_kept:.3f} / {r_kept:.3f} (kept), {time.monotonic() - t0:.0f} s")
+
+
 def _checkpoint_digest(site_cfg) -> str | None:  # type: ignore[no-untyped-def]
     """sha256 of the site generator's checkpoint file (as its provenance records it)."""
     from node.config import resolve_home
@@ -244,7 +327,8 @@ def _checkpoint_digest(site_cfg) -> str | None:  # type: ignore[no-untyped-def]
     return sha256_file(ckpt) if ckpt.exists() else None
 
 
-def restage(task: str, setting: str, suffix: str, diffusion_steps: int) -> None:
+def restage(task: str, setting: str, suffix: str, diffusion_steps: int,
+            resume: bool = False) -> None:
     """A new stage 2 for every site on its own trained autoencoder, with one setting changed.
 
     Each site home is copied to ``<home><suffix>`` (its runs left behind), the copy's
@@ -252,7 +336,9 @@ def restage(task: str, setting: str, suffix: str, diffusion_steps: int) -> None:
     (``bench_generator.stage2_copy``), ``setting`` (``key=value``, channel lists as
     64-128-128) is written into its config, and the diffusion stage is trained again from
     there: ``diffusion_steps`` (0: as the checkpoint says) with a full LR schedule. The
-    originals are not touched; ``synth --home-suffix`` samples from the copies.
+    originals are not touched; ``synth --home-suffix`` samples from the copies. ``resume``
+    continues the copies an interrupted restage left (their own last checkpoints; a finished
+    copy returns at once) instead of starting them over.
     """
     import json
 
@@ -275,8 +361,13 @@ def restage(task: str, setting: str, suffix: str, diffusion_steps: int) -> None:
     config = _load(task)
     for site_cfg in config.sites:
         source = REPO / site_cfg.home
-        paths = stage2_copy(source, source.parent / f"{source.name}{suffix}", edits,
-                            restart=True)
+        copy = source.parent / f"{source.name}{suffix}"
+        if resume and _restaged(copy, edits):
+            from node.config import resolve_home
+
+            paths = resolve_home(str(copy))
+        else:
+            paths = stage2_copy(source, copy, edits, restart=True)
         t0 = time.monotonic()
         summary = train_generator(paths, load_node_config(paths), resume=True, progress=True,
                                   quality=False)
@@ -284,6 +375,21 @@ def restage(task: str, setting: str, suffix: str, diffusion_steps: int) -> None:
               f" {summary.get('diffusion_steps')} steps from the site's autoencoder in"
               f" {time.monotonic() - t0:.0f} s; final {summary.get('final_losses')};"
               f" {summary.get('device')}")
+
+
+def _restaged(home: Path, edits: dict[str, object]) -> bool:
+    """Whether ``home`` holds a restaged generator checkpoint with ``edits`` in its config."""
+    from node.config import resolve_home
+    from node.generator.checkpoint import checkpoint_path, load_checkpoint
+
+    if not home.is_dir():
+        return False
+    ckpt = checkpoint_path(resolve_home(str(home)))
+    if not ckpt.exists():
+        return False
+    state, _ = load_checkpoint(ckpt)
+    config = state.get("config", {})
+    return all(config.get(k) == v for k, v in edits.items())
 
 
 def synth(task: str, count: int, seed: int, home_suffix: str = "",
@@ -597,11 +703,18 @@ def main() -> None:
     y.add_argument("--home-suffix", default="", help="the restaged copies of the site homes")
     y.add_argument("--synthetic-dir", default="synthetic",
                    help="the set's folder under bench/out/compare/TASK")
+    sl = sub.add_parser("select", help="arm S from part of a larger guard-accepted set")
+    sl.add_argument("--task", choices=("denoise", "sr"), required=True)
+    sl.add_argument("--from", dest="source", required=True, help="e.g. synthetic-seed0-2400")
+    sl.add_argument("--synthetic-dir", required=True, help="the selected set's folder name")
+    sl.add_argument("--method", choices=tuple(SELECTIONS), default="realism")
     rs = sub.add_parser("restage")
     rs.add_argument("--task", choices=("denoise", "sr"), required=True)
     rs.add_argument("--set", required=True, help="key=value, e.g. unet_channels=64-128-128")
     rs.add_argument("--suffix", required=True, help="the copies are <home><suffix>")
     rs.add_argument("--diffusion-steps", type=int, default=0)
+    rs.add_argument("--resume", action="store_true",
+                    help="continue the copies an interrupted restage left")
     r = sub.add_parser("run")
     r.add_argument("--task", choices=("denoise", "sr"), required=True)
     r.add_argument("--steps", type=int, default=0)
@@ -639,7 +752,9 @@ def main() -> None:
     elif args.cmd == "synth":
         synth(args.task, args.count, args.seed, args.home_suffix, args.synthetic_dir)
     elif args.cmd == "restage":
-        restage(args.task, args.set, args.suffix, args.diffusion_steps)
+        restage(args.task, args.set, args.suffix, args.diffusion_steps, args.resume)
+    elif args.cmd == "select":
+        select_subset(args.task, args.source, args.synthetic_dir, args.method)
     elif args.cmd == "diagnose":
         diagnose(args.task, args.kind)
     else:

@@ -98,14 +98,20 @@ def make_canaries(
     per_alteration: int,
     rng: np.random.Generator,
     kinds: tuple[str, ...] = ALTERATIONS,
+    rows: np.ndarray | None = None,
 ) -> Canaries:
-    """``per_alteration`` canaries of each kind from random rows of ``train`` [N, S, S]."""
-    n = train.shape[0]
+    """``per_alteration`` canaries of each kind from random rows of ``train`` [N, S, S].
+
+    ``rows``, when given, names the rows of ``train`` to draw from (the same canaries as
+    ``make_canaries(train[rows], ...)`` without copying every one of those rows); ``source``
+    then counts within ``rows``."""
+    n = train.shape[0] if rows is None else int(np.asarray(rows).shape[0])
     images, labels, source = [], [], []
     for kind in kinds:
-        rows = rng.integers(0, n, size=per_alteration)
-        for row in rows.tolist():
-            images.append(alter(kind, train[row], rng))
+        picks = rng.integers(0, n, size=per_alteration)
+        for row in picks.tolist():
+            image = train[row] if rows is None else train[int(rows[row])]
+            images.append(alter(kind, image, rng))
             labels.append(kind)
             source.append(row)
     size = train.shape[1:]

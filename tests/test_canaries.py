@@ -94,3 +94,18 @@ def test_catch_rates_count_per_alteration() -> None:
         "noise": {"planted": 1, "caught": 1, "rate": 1.0},
     }
     assert set(MUST_CATCH) == {"exact", "shift", "mirror", "intensity"}
+
+
+def test_canaries_drawn_through_rows_equal_those_of_the_copied_rows() -> None:
+    images = _phantoms(40, 9)
+    rows = np.array([3, 7, 11, 20, 21, 30, 38])
+    copied = make_canaries(images[rows], 4, np.random.default_rng(3))
+    viewed = make_canaries(images, 4, np.random.default_rng(3), rows=rows)
+    assert np.array_equal(copied.images, viewed.images)
+    assert copied.kinds == viewed.kinds and np.array_equal(copied.source, viewed.source)
+    # every canary comes from one of the named rows, never from another slice
+    other = np.setdiff1d(np.arange(40), rows)
+    exact = np.asarray(viewed.kinds) == "exact"
+    for img in viewed.images[exact]:
+        assert any(np.array_equal(img, images[r]) for r in rows)
+        assert not any(np.array_equal(img, images[r]) for r in other)

@@ -112,7 +112,7 @@ def test_a_generator_that_only_copies_exports_nothing(home: NodePaths) -> None:
 def test_a_copy_canary_that_passes_fails_the_run(
     home: NodePaths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def far_canaries(train, per, rng, kinds=None):  # type: ignore[no-untyped-def]
+    def far_canaries(train, per, rng, kinds=None, rows=None):  # type: ignore[no-untyped-def]
         return Canaries(phantoms(per, 4242), ["shift"] * per, np.zeros(per, dtype=np.int64))
 
     monkeypatch.setattr("node.guard.run.make_canaries", far_canaries)

@@ -17,6 +17,7 @@ from node.generator.quality import (
     precision_recall,
     quality_report,
     radial_power_spectrum,
+    realism_scores,
     spectrum_distance,
 )
 from node.store import NewSlice, Store
@@ -79,6 +80,30 @@ def test_precision_of_a_against_b_is_recall_of_b_against_a(na: int, nb: int, see
     p_ba, r_ba = precision_recall(b, a)
     assert p_ab == r_ba and r_ab == p_ba
     assert 0.0 <= p_ab <= 1.0 and 0.0 <= r_ab <= 1.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(5, 30), st.integers(4, 30), st.integers(0, 10_000))
+def test_realism_of_at_least_one_is_membership_of_the_real_manifold(
+    nr: int, ns: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    real, synthetic = rng.normal(size=(nr, 3)), rng.normal(loc=0.7, size=(ns, 3))
+    scores = realism_scores(real, synthetic)
+    # brute force: synthetic point s is inside the manifold iff some real r has |s - r| <= its
+    # k-th nearest other real point's distance
+    d_rr = np.linalg.norm(real[:, None] - real[None], axis=2)
+    radius = np.sort(d_rr, axis=1)[:, 3]
+    d_sr = np.linalg.norm(synthetic[:, None] - real[None], axis=2)
+    inside = (d_sr <= radius[None, :] * (1 + 1e-9)).any(axis=1)
+    assert ((scores >= 1.0 - 1e-9) == inside).all()
+    assert np.mean(scores >= 1.0 - 1e-9) == pytest.approx(precision_recall(real, synthetic)[0])
+
+
+def test_realism_is_high_on_a_real_point_and_below_one_far_away() -> None:
+    real = np.random.default_rng(2).normal(size=(300, 2))
+    scores = realism_scores(real, np.array([real[7] + 1e-6, real[7] + 0.5, [40.0, 0.0]]))
+    assert scores[0] > 1e3 and scores[0] > scores[1] and scores[2] < 0.1
 
 
 def test_too_few_points_for_k_neighbours_is_refused() -> None:

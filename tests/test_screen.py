@@ -185,7 +185,7 @@ def test_threshold_below_the_site_floor_refuses_to_screen(
 def test_a_copy_canary_that_passes_fails_the_screen(
     guard_home: NodePaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def far_canaries(train, per, rng, kinds=None):  # type: ignore[no-untyped-def]
+    def far_canaries(train, per, rng, kinds=None, rows=None):  # type: ignore[no-untyped-def]
         # "exact copies" that are not copies at all: they pass, and the run must fail.
         imgs = phantoms(per, 12345)
         return Canaries(imgs, ["exact"] * per, np.zeros(per, dtype=np.int64))

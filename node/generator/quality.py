@@ -32,6 +32,7 @@ __all__ = [
     "radial_power_spectrum",
     "spectrum_distance",
     "precision_recall",
+    "realism_scores",
     "compare_sets",
     "quality_report",
 ]
@@ -82,6 +83,25 @@ def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return result
 
 
+def _knn_radius(points: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each point to its k-th nearest other point (column 0 is itself)."""
+    out: np.ndarray = np.sort(_pairwise(points, points), axis=1)[:, k]
+    return out
+
+
+def realism_scores(
+    real: np.ndarray, synthetic: np.ndarray, k: int = K_NEIGHBOURS
+) -> np.ndarray:
+    """Realism score of each synthetic point (Kynkäänniemi et al. 2019): the largest ratio
+    of a real point's k-NN radius to its distance from the synthetic point; at least 1 inside
+    the real manifold of :func:`precision_recall`, larger the deeper inside."""
+    if len(real) <= k:
+        raise ValueError(f"realism scores need more than k={k} real points")
+    radius = _knn_radius(real, k)
+    out: np.ndarray = (radius[None, :] / np.maximum(_pairwise(synthetic, real), 1e-12)).max(1)
+    return out
+
+
 def precision_recall(
     real: np.ndarray, synthetic: np.ndarray, k: int = K_NEIGHBOURS
 ) -> tuple[float, float]:
@@ -89,8 +109,8 @@ def precision_recall(
     synthetic manifold); a manifold is the union of balls reaching each point's k-th NN."""
     if len(real) <= k or len(synthetic) <= k:
         raise ValueError(f"precision / recall need more than k={k} points in each set")
-    r_real = np.sort(_pairwise(real, real), axis=1)[:, k]  # column 0 is the point itself
-    r_syn = np.sort(_pairwise(synthetic, synthetic), axis=1)[:, k]
+    r_real = _knn_radius(real, k)
+    r_syn = _knn_radius(synthetic, k)
     cross = _pairwise(synthetic, real)  # [n_syn, n_real]
     precision = float(np.mean(np.any(cross <= r_real[None, :], axis=1)))
     recall = float(np.mean(np.any(cross.T <= r_syn[None, :], axis=1)))

@@ -111,7 +111,8 @@ def screen_with_canaries(
     if source_rows.size == 0:
         source_rows = ref.rows(modality=modality)
     rng = np.random.default_rng(np.random.SeedSequence([seed, _CANARY_STREAM]))
-    canaries = make_canaries(ref.images[source_rows], settings.canaries_per_alteration, rng)
+    canaries = make_canaries(ref.images, settings.canaries_per_alteration, rng,
+                             rows=source_rows)
     n_c = candidates.shape[0]
     mixed = np.concatenate([np.asarray(candidates, dtype=np.float32), canaries.images])
     order = rng.permutation(mixed.shape[0])
