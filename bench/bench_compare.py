@@ -392,11 +392,31 @@ def _restaged(home: Path, edits: dict[str, object]) -> bool:
     return all(config.get(k) == v for k, v in edits.items())
 
 
+def _uniform_classes(site):  # type: ignore[no-untyped-def]
+    """``generate_and_screen`` options that sample the site's label-conditioned generator
+    with every class equally likely, instead of in its train split's class mix."""
+    from node.generator.sampling import load_generator
+
+    gen = load_generator(site.paths)
+    if gen.conditioning != "label" or not gen.classes:
+        raise SystemExit(f"{site.name}: the generator is not label-conditioned")
+    gen.class_counts = [1] * len(gen.classes)
+    modality = gen.modalities[0]
+
+    def sampler(n: int, s: int):  # type: ignore[no-untyped-def]
+        return gen.sample(n, seed=s, modality=modality, batch_size=min(n, 16))
+
+    info = {**gen.summary(), "class_mix": "uniform"}
+    return {"sampler": sampler, "modality": modality, "generator_info": info}
+
+
 def synth(task: str, count: int, seed: int, home_suffix: str = "",
-          synthetic_dir: str = "synthetic") -> None:
+          synthetic_dir: str = "synthetic", class_mix: str = "train") -> None:
     """Arm S's data, made ahead of the run: generate_and_screen at each site (real guard),
     the accepted images cached in bench/out (they are synthetic, guard-accepted).
-    ``home_suffix``: sample from the sites' restaged copies (``restage``) instead."""
+    ``home_suffix``: sample from the sites' restaged copies (``restage``) instead.
+    ``class_mix``: ``train`` (a label-conditioned generator draws classes in its train
+    split's mix, as the node does) or ``uniform`` (every class equally likely)."""
     import json
     from dataclasses import replace
 
@@ -409,12 +429,13 @@ def synth(task: str, count: int, seed: int, home_suffix: str = "",
     for site_cfg in config.sites:
         target = out / f"{site_cfg.name}.npy"
         meta = out / f"{site_cfg.name}.json"
-        key = {"count_asked": count, "seed": seed}
+        key = {"count_asked": count, "seed": seed, "class_mix": class_mix}
         if target.exists() and meta.exists():
             # reused only for the same count, seed and generator checkpoint (the provenance's
             # checkpoint_digest is the sha256 of the checkpoint file's bytes)
             made = json.loads(meta.read_text(encoding="utf-8"))
             made_with = {**{k: made.get(k) for k in key},
+                         "class_mix": made.get("class_mix", "train"),  # sets made before it
                          "checkpoint_digest": made.get("generator", {}).get("checkpoint_digest")}
             wanted = {**key, "checkpoint_digest": _checkpoint_digest(site_cfg)}
             stale = {k: v for k, v in made_with.items() if v != wanted[k]}
@@ -426,7 +447,8 @@ def synth(task: str, count: int, seed: int, home_suffix: str = "",
         n = count or int(site.train.shape[0])
         t0 = time.monotonic()
         try:
-            images, info = guarded_synthetic_source(site, n, seed)
+            options = _uniform_classes(site) if class_mix == "uniform" else {}
+            images, info = guarded_synthetic_source(site, n, seed, **options)
         except GuardError as exc:  # the site's generator copies: it sends nothing
             images, info = nothing_from(site, exc)
             info["generator"] = {"checkpoint_digest": _checkpoint_digest(site_cfg)}
@@ -701,6 +723,8 @@ def main() -> None:
     y.add_argument("--count", type=int, default=0, help="per site; 0 = its train count")
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--home-suffix", default="", help="the restaged copies of the site homes")
+    y.add_argument("--class-mix", choices=("train", "uniform"), default="train",
+                   help="label-conditioned generators: classes in the train mix or uniform")
     y.add_argument("--synthetic-dir", default="synthetic",
                    help="the set's folder under bench/out/compare/TASK")
     sl = sub.add_parser("select", help="arm S from part of a larger guard-accepted set")
@@ -750,7 +774,8 @@ def main() -> None:
         generators(args.task, args.preset, args.max_steps, args.ae_steps,
                    args.diffusion_steps)
     elif args.cmd == "synth":
-        synth(args.task, args.count, args.seed, args.home_suffix, args.synthetic_dir)
+        synth(args.task, args.count, args.seed, args.home_suffix, args.synthetic_dir,
+              args.class_mix)
     elif args.cmd == "restage":
         restage(args.task, args.set, args.suffix, args.diffusion_steps, args.resume)
     elif args.cmd == "select":

@@ -192,9 +192,11 @@ def nothing_from(site: SiteData, refusal: Exception) -> tuple[np.ndarray, dict[s
 
 
 def guarded_synthetic_source(
-    site: SiteData, count: int, seed: int
+    site: SiteData, count: int, seed: int, **run_options: Any
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Arm S at one site: guard-accepted synthetic images from the site's own generator."""
+    """Arm S at one site: guard-accepted synthetic images from the site's own generator.
+    ``run_options`` go to ``generate_and_screen`` (``sampler``, ``modality``,
+    ``generator_info``: the site's generator sampled another way)."""
     from node.errors import TrainingError
     from node.generator.checkpoint import checkpoint_path
     from node.guard.run import generate_and_screen
@@ -202,7 +204,8 @@ def guarded_synthetic_source(
     if not checkpoint_path(site.paths).exists():
         # fail before the guard's calibration, which is the slow part
         raise TrainingError("no trained generator at this site", site.name)
-    run = generate_and_screen(site.paths, site.config, count, seed=seed, progress=True)
+    run = generate_and_screen(site.paths, site.config, count, seed=seed, progress=True,
+                              **run_options)
     images = np.asarray(run.images_physical, dtype=np.float32)
     report = run.report if isinstance(run.report, dict) else {}
     info = {
