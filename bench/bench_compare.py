@@ -344,7 +344,7 @@ def restage(task: str, setting: str, suffix: str, diffusion_steps: int,
 
     from bench_generator import _arm_setting, stage2_copy
 
-    from node.config import load_node_config
+    from node.config import load_node_config, resolve_home
     from node.generator.train import train_generator
 
     key, value = _arm_setting("", setting)
@@ -363,8 +363,6 @@ def restage(task: str, setting: str, suffix: str, diffusion_steps: int,
         source = REPO / site_cfg.home
         copy = source.parent / f"{source.name}{suffix}"
         if resume and _restaged(copy, edits):
-            from node.config import resolve_home
-
             paths = resolve_home(str(copy))
         else:
             paths = stage2_copy(source, copy, edits, restart=True)

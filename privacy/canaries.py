@@ -105,7 +105,7 @@ def make_canaries(
     ``rows``, when given, names the rows of ``train`` to draw from (the same canaries as
     ``make_canaries(train[rows], ...)`` without copying every one of those rows); ``source``
     then counts within ``rows``."""
-    n = train.shape[0] if rows is None else int(np.asarray(rows).shape[0])
+    n = train.shape[0] if rows is None else len(rows)
     images, labels, source = [], [], []
     for kind in kinds:
         picks = rng.integers(0, n, size=per_alteration)
