@@ -379,6 +379,31 @@ def test_killed_run_resumes_from_the_last_checkpoint(
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
 
 
+def test_every_checkpoint_finds_the_loss_of_each_step_before_it_on_disk(
+    node_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run killed outright (SIGKILL, out of memory) runs no cleanup: whatever the loss log
+    # had only in its buffer is lost. So the log must be on disk when a checkpoint is taken.
+    from node.generator import train as train_module
+
+    paths = fill_store(node_home)
+    real_save = train_module.save_checkpoint
+    seen: list[tuple[int, list[int]]] = []
+
+    def save(path: Path, state: dict[str, Any]) -> str:
+        (log,) = paths.runs.glob("train-*/losses.jsonl")
+        with open(log, encoding="utf-8") as f:  # a separate reader sees only what is written
+            steps = [json.loads(line)["step"] for line in f.read().splitlines()]
+        seen.append((state["step"], steps))
+        return real_save(path, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    train_generator(paths, small_config(paths), progress=False, quality=False)
+    assert [step for step, _ in seen] == [5, 10, 15, 20]
+    for step, steps in seen:
+        assert steps == list(range(step)), step
+
+
 # ---- checkpoint contents and the training-split digest ---------------------------------------
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -425,6 +426,12 @@ class _RunLog:
     def loss(self, record: dict[str, Any]) -> None:
         self._losses.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def flush(self) -> None:
+        """Put every logged step on disk: called before each checkpoint, so a run killed
+        outright (SIGKILL, out of memory) keeps the loss of every step the checkpoint has."""
+        self._losses.flush()
+        os.fsync(self._losses.fileno())
+
     def close(self) -> None:
         self._losses.close()
         self._text.close()
@@ -534,6 +541,7 @@ def train_generator(
     wall_before = run.wall_s
 
     def checkpoint() -> str:
+        log.flush()
         run.wall_s = wall_before + (time.monotonic() - started)
         return save_checkpoint(ckpt_file, run.state(run_id))
 
