@@ -15,6 +15,7 @@ from node.generator.sampling import Generator, load_generator, write_unscreened_
 from node.generator.train import train_generator
 from node.store import NewSlice, Store
 from protocols.errors import UsageError
+from tests.test_screen import calibrated_home  # noqa: F401 (fixture)
 
 SIZE = 32
 
@@ -320,3 +321,86 @@ def test_reconstruct_returns_clipped_images_in_input_order_whatever_the_batch(
     np.testing.assert_allclose(generator.reconstruct(images, batch_size=2), whole, atol=1e-5)
     np.testing.assert_allclose(generator.reconstruct(images[3:4]), whole[3:4], atol=1e-5)
     assert generator.reconstruct(images[:0]).shape == (0, SIZE, SIZE)
+
+
+def test_generate_refuses_a_generator_that_learnt_from_slices_the_store_does_not_hold(
+    trained: NodePaths, calibrated_home: Path, tmp_path: Path,  # noqa: F811 (fixture)
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The guard keeps copies of the slices it screens against from leaving, nothing else. A
+    # generator copied in from another home learnt from slices this reference has never
+    # seen, so generate must refuse it before it samples anything, and export nothing.
+    import shutil
+
+    from node.cli import app
+    from node.guard.run import generate_and_screen
+    from privacy.errors import GuardError
+    from protocols.cli_support import run_app
+
+    home = NodePaths(tmp_path / "home")
+    shutil.copytree(calibrated_home, home.root)
+    shutil.copy2(trained.root / "models" / "generator.pt", home.root / "models" / "generator.pt")
+    learnt = len(load_generator(home).train_pixel_digests or ())
+    assert learnt == 40  # the train split of the trained home: 48 slices less its holdout
+
+    def outside_guard() -> set[str]:  # the guard's kept preparation may be (re)built
+        return {str(p.relative_to(home.root)) for p in home.root.rglob("*")
+                if p.relative_to(home.root).parts[0] != "guard"}
+
+    before = outside_guard()
+    with pytest.raises(GuardError, match=f"learnt from {learnt} slice") as refused:
+        generate_and_screen(home, load_node_config(home), 2, progress=False)
+    assert refused.value.exit_code == 2
+    with pytest.raises(SystemExit) as done:
+        run_app(app, ["generate", "--count", "2", "--home", str(home.root)])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"learnt from {learnt} slice" in err
+    assert "Traceback" not in err
+    assert outside_guard() == before  # no run folder, no staged images, no bundle
+
+
+def test_a_store_that_grew_after_training_still_covers_its_generator(
+    trained: NodePaths, tmp_path: Path
+) -> None:
+    import shutil
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from node.guard.reference import load_reference
+    from node.guard.run import check_generator_covered
+    from privacy.errors import GuardError
+
+    home = NodePaths(tmp_path / "home")
+    shutil.copytree(trained.root, home.root)
+    gen = load_generator(home)
+    assert gen.train_pixel_digests is not None and len(gen.train_pixel_digests) == 40
+
+    def state() -> Any:
+        return cast(Any, SimpleNamespace(reference=load_reference(home)))
+
+    check_generator_covered(home, state(), gen.train_pixel_digests, gen.train_split_digest)
+    # A checkpoint from before the digests were kept is checked by its split digest.
+    check_generator_covered(home, state(), None, gen.train_split_digest)
+    with Store(home.store) as store:  # new patients arrive after training
+        px = phantoms(6, SIZE, seed=99, bright=0.5)
+        store.add_batch([
+            NewSlice(modality="CT", patient=f"late-{i}", series=f"L{i}", position=0.0,
+                     source_digest=f"late{i}", instance_key=f"late-{i}", pixels=px[i],
+                     unit="HU", scale=4095.0, offset=-1024.0)
+            for i in range(6)
+        ])
+        store.assign_split(0.2, lambda p: p)
+        grown = store.split_digest("train")
+    assert grown != gen.train_split_digest
+    check_generator_covered(home, state(), gen.train_pixel_digests, gen.train_split_digest)
+    with pytest.raises(GuardError, match="does not record which slices") as old:
+        check_generator_covered(home, state(), None, gen.train_split_digest)
+    assert old.value.exit_code == 2
+    # One training slice missing from the reference is enough to refuse.
+    reference = load_reference(home)
+    reference.records = [r for r in reference.records
+                         if r.pixel_digest != min(gen.train_pixel_digests)]
+    with pytest.raises(GuardError, match="learnt from 1 slice"):
+        check_generator_covered(home, cast(Any, SimpleNamespace(reference=reference)),
+                                gen.train_pixel_digests, gen.train_split_digest)

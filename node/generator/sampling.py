@@ -73,6 +73,12 @@ class Generator:
         self.class_counts: list[int] = [int(c) for c in state.get("class_counts", [])]
         self.checkpoint_digest = checkpoint_digest
         self.train_split_digest: str = str(state["train_split_digest"])
+        # The pixel digests of the slices it learnt from (None: a checkpoint from before they
+        # were kept, known by its split digest only).
+        digests = state.get("train_pixel_digests")
+        self.train_pixel_digests: frozenset[str] | None = (
+            frozenset(str(d) for d in digests) if digests is not None else None
+        )
         self.scale_factor = float(state["scale_factor"])
         self.steps_trained = int(state["step"])
         self.autoencoder: Any = build_autoencoder(self.config)

@@ -120,6 +120,9 @@ class TrainingData:
         self.images = images
         self.n = len(records)
         self.size = int(images.shape[-1])
+        #: what the guard checks before it screens this generator's samples: every slice it
+        #: learnt from must be in the guard's reference (node.guard.run)
+        self.pixel_digests = sorted({rec.pixel_digest for rec in records})
         counts: dict[str, int] = {}
         for rec in records:
             counts[rec.modality] = counts.get(rec.modality, 0) + 1
@@ -235,6 +238,7 @@ class _Run:
             "classes": self.data.classes,
             "class_counts": self.data.class_counts,
             "train_split_digest": self.digest,
+            "train_pixel_digests": self.data.pixel_digests,
             "scale_factor": self.scale_factor,
             "wall_s": self.wall_s,
             "torch_rng": torch.get_rng_state(),

@@ -42,6 +42,7 @@ __all__ = [
     "GuardRun",
     "CanaryResult",
     "generate_and_screen",
+    "check_generator_covered",
     "generate",
     "export_run",
     "screen_with_canaries",
@@ -227,6 +228,41 @@ def _write_run(
     atomic_write_text(run_dir / "report.html", report_html(title, report, png))
 
 
+def check_generator_covered(
+    paths: NodePaths, state: GuardState, pixel_digests: frozenset[str] | None, split_digest: str
+) -> None:
+    """Refuse a generator that learnt from a slice the guard's reference does not hold.
+
+    The guard keeps copies of the slices it screens against from leaving, nothing else: a
+    generator trained in another home (or on a store since rebuilt) could reproduce slices
+    this reference has never seen. Checkpoints record the pixel digests of their training
+    slices; older ones only their training split's digest, which must then be this store's.
+    """
+    if pixel_digests is not None:
+        held = {r.pixel_digest for r in state.reference.records}
+        missing = len(pixel_digests - held)
+        if missing:
+            raise GuardError(
+                f"the generator learnt from {missing} slice(s) that this node's store does not"
+                " hold, and the guard can only keep copies of the slices it screens against"
+                " from leaving: train the generator in this home (synthfed-node train"
+                " --overwrite)",
+                "models/generator.pt",
+                2,
+            )
+        return
+    with Store(paths.store) as store:
+        current = store.split_digest("train")
+    if split_digest != current:
+        raise GuardError(
+            "the generator's checkpoint does not record which slices it learnt from, and its"
+            f" training split ({split_digest[:12]}) is not this store's ({current[:12]}):"
+            " train the generator in this home again (synthfed-node train --overwrite)",
+            "models/generator.pt",
+            2,
+        )
+
+
 def generate_and_screen(
     paths: NodePaths,
     config: NodeConfig,
@@ -259,6 +295,7 @@ def generate_and_screen(
         from node.generator.sampling import load_generator
 
         gen = load_generator(paths)
+        check_generator_covered(paths, state, gen.train_pixel_digests, gen.train_split_digest)
         if modality is None:
             modality = gen.modalities[0] if len(gen.modalities) == 1 else _sole_modality(state)
         chosen = modality
