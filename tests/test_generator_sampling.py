@@ -404,3 +404,28 @@ def test_a_store_that_grew_after_training_still_covers_its_generator(
     with pytest.raises(GuardError, match="learnt from 1 slice"):
         check_generator_covered(home, cast(Any, SimpleNamespace(reference=reference)),
                                 gen.train_pixel_digests, gen.train_split_digest)
+
+
+def test_cli_generate_states_the_acceptance_the_canaries_and_the_bundle(
+    trained: NodePaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from node.cli import app
+    from protocols.cli_support import run_app
+
+    home = tmp_path / "home"
+    shutil.copytree(trained.root, home)
+    with pytest.raises(SystemExit) as done:
+        run_app(app, ["generate", "--count", "3", "--modality", "MR", "--home", str(home)])
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("accepted 3 of ")
+    run_dir = Path(lines[0].rsplit("run report in ", 1)[1])
+    rates = json.loads((run_dir / "report.json").read_text())["canary_catch_rates"]
+    planted = sum(v["planted"] for v in rates.values())
+    caught = sum(v["caught"] for v in rates.values())
+    assert lines[1].startswith(f"canary self-test: {caught} of {planted} planted copies caught (")
+    assert all(f"{k} {v['caught']}/{v['planted']}" in lines[1] for k, v in rates.items())
+    assert lines[-1].startswith("exported a pending bundle: ")
+    assert Path(lines[-1].split(": ", 1)[1].split(" (")[0]).is_dir()

@@ -215,6 +215,17 @@ def test_cli_screen_prints_json_and_fails_with_exit_2_on_a_missing_file(
     assert done.value.code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["candidates"] == 5 and out["rejected"] >= 2
+    # Without --json the console states the canary self-test, alteration by alteration.
+    with pytest.raises(SystemExit) as done:
+        run_app(app, args[:-1] + ["--seed", "1"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    line = next(x for x in text.splitlines() if x.startswith("canary self-test: "))
+    planted = json.loads((tmp_path / "o" / "report.json").read_text())["canary_catch_rates"]
+    total = sum(v["planted"] for v in planted.values())
+    assert f"{total} of {total} planted copies caught" in line
+    for kind, v in planted.items():
+        assert f"{kind} {v['caught']}/{v['planted']}" in line
     with pytest.raises(SystemExit) as done:
         run_app(app, ["screen", str(tmp_path / "missing.npz"), "--home", str(guard_home.root),
                       "--out", str(tmp_path / "o2")])

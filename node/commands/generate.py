@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate COUNT guard-accepted images and export them as a pending bundle."""
         from node.config import load_node_config, resolve_home
-        from node.guard.run import export_run, generate_and_screen
+        from node.guard.run import canary_summary, export_run, generate_and_screen
         from protocols.errors import UsageError
 
         if round_id is not None and nonce is None:
@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
             f"accepted {report['exported']} of {report['candidates_tried']} candidates "
             f"(acceptance rate {report['acceptance_rate']:.1%}); run report in {run.run_dir}",
         ]
+        lines.append(canary_summary(report["canary_catch_rates"]))
         if not run.complete:
             lines.append(f"only {report['exported']} of the {count} requested passed the guard")
         if report["copying_warning"]:
@@ -62,6 +63,9 @@ def register(app: typer.Typer) -> None:
                 "candidates_tried": report["candidates_tried"],
                 "acceptance_rate": report["acceptance_rate"],
                 "copying_warning": report["copying_warning"],
+                "canary_catch_rates": {
+                    k: v["rate"] for k, v in report["canary_catch_rates"].items()
+                },
                 "run": run.run_id,
             },
             "\n".join(lines),

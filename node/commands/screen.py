@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Screen CANDIDATES against every real slice of the site (exact, with canaries)."""
         from node.config import load_node_config, resolve_home
+        from node.guard.run import canary_summary
         from node.guard.screen import screen_candidates
 
         paths = resolve_home(home)
@@ -50,5 +51,6 @@ def register(app: typer.Typer) -> None:
             json_out,
             summary,
             f"screened {doc['candidates']} candidates: {len(doc['accepted'])} accepted, "
-            f"{len(doc['rejected'])} rejected; report in {out}",
+            f"{len(doc['rejected'])} rejected; report in {out}\n"
+            + canary_summary(doc["canary_catch_rates"]),
         )

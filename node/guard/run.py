@@ -47,6 +47,7 @@ __all__ = [
     "export_run",
     "screen_with_canaries",
     "new_run_dir",
+    "canary_summary",
     "Sampler",
 ]
 
@@ -80,6 +81,15 @@ class GuardRun:
     pixel_spacing_mm: float | None = None
     complete: bool = True
     local_report: dict[str, Any] = field(default_factory=dict)
+
+
+def canary_summary(rates: dict[str, dict[str, Any]]) -> str:
+    """One console line of a run's canary self-test, e.g. ``canary self-test: 56 of 56 planted
+    copies caught (exact 8/8, shift 8/8, ...)``."""
+    caught = sum(int(r["caught"]) for r in rates.values())
+    planted = sum(int(r["planted"]) for r in rates.values())
+    parts = ", ".join(f"{k} {int(r['caught'])}/{int(r['planted'])}" for k, r in rates.items())
+    return f"canary self-test: {caught} of {planted} planted copies caught ({parts})"
 
 
 def new_run_dir(paths: NodePaths, kind: str) -> tuple[str, Path]:
