@@ -231,3 +231,76 @@ def test_cli_screen_prints_json_and_fails_with_exit_2_on_a_missing_file(
                       "--out", str(tmp_path / "o2")])
     assert done.value.code == 2
     assert capsys.readouterr().err.startswith("error: candidates not found")
+
+
+def test_dicom_folder_candidates_are_read_in_hu_and_copies_are_caught(
+    guard_home: NodePaths, tmp_path: Path
+) -> None:
+    # Candidates from another generator delivered as CT DICOM (HU, rescale slope and
+    # intercept): a DICOM copy of a real slice, a shifted copy and three new images. The
+    # guard reads them exactly as ingest would and decides as on the same arrays in .npz.
+    from node.dicom_export import write_dicom_files
+
+    hu = np.round(_candidates(guard_home) * 4095.0 - 1024.0)  # DICOM CT holds whole HU
+    cands = ((hu + 1024.0) / 4095.0).astype(np.float32)
+    write_dicom_files(tmp_path / "dcm", hu.astype(np.float32), modality="CT", unit="HU",
+                      site="elsewhere", bundle_id="b", pixel_spacing_mm=1.5)
+    config = load_node_config(guard_home)
+    doc = screen_candidates(guard_home, config, tmp_path / "dcm", tmp_path / "o",
+                            progress=False)
+    np.savez(tmp_path / "c.npz", images=cands)
+    same = screen_candidates(guard_home, config, tmp_path / "c.npz", tmp_path / "o2",
+                             normalized=True, progress=False)
+    assert doc["candidates"] == 5
+    assert doc["accepted"] == same["accepted"]
+    assert {r["index"] for r in doc["rejected"]} >= {0, 1}  # the copy and the shifted copy
+    with np.load(tmp_path / "o" / "accepted.npz") as acc:
+        assert acc["images"].shape == (len(doc["accepted"]), SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: (d / "c.npz").write_bytes(b"not an archive") and d / "c.npz",
+         "cannot read candidates"),
+        (lambda d: np.savez(d / "c.npz", pictures=np.zeros((2, 8, 8))) or d / "c.npz",
+         "the .npz has no array named 'images'"),
+        (lambda d: np.save(d / "c.npy", np.zeros((2, 2, 8, 8))) or d / "c.npy",
+         "expected numeric images [N, H, W], found (2, 2, 8, 8)"),
+        (lambda d: np.save(d / "c.npy", np.zeros((0, 8, 8))) or d / "c.npy",
+         "expected numeric images [N, H, W], found (0, 8, 8)"),
+        (lambda d: np.save(d / "c.npy", np.array([[["a"]]])) or d / "c.npy",
+         "expected numeric images [N, H, W]"),
+        (lambda d: np.save(d / "c.npy", np.full((1, 8, 8), np.nan)) or d / "c.npy",
+         "candidates hold NaN or infinite values"),
+        (lambda d: (d / "c.txt").write_text("x") and d / "c.txt",
+         "candidates must be a .npz, a .npy or a folder"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "no candidate images in the folder"),
+        (lambda d: ((d / "pngs").mkdir(), (d / "pngs" / "a.png").write_bytes(b"\x89PNG bad"))
+         and d / "pngs", "unreadable image"),
+        (lambda d: ((d / "dcms").mkdir(), (d / "dcms" / "a.dcm").write_bytes(b"DICM? no"))
+         and d / "dcms", "unreadable DICOM"),
+    ],
+    ids=["npz-unreadable", "npz-no-images", "npy-4d", "npy-empty", "npy-text", "npy-nan",
+         "other-file", "empty-folder", "bad-png", "bad-dicom"],
+)
+def test_bad_candidates_are_refused_with_exit_2_and_write_nothing(
+    guard_home: NodePaths, tmp_path: Path, make, message: str  # type: ignore[no-untyped-def]
+) -> None:
+    source = make(tmp_path)
+    config = load_node_config(guard_home)
+    with pytest.raises(GuardError) as err:
+        screen_candidates(guard_home, config, source, tmp_path / "o", progress=False)
+    assert err.value.exit_code == 2
+    assert err.value.what.startswith(message)
+    assert not (tmp_path / "o" / "accepted.npz").exists()
+
+
+def test_a_constant_candidate_is_screened_as_all_background(
+    guard_home: NodePaths, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "c.npy", np.full((1, 20, 20), 300.0, dtype=np.float32))
+    config = load_node_config(guard_home)
+    doc = screen_candidates(guard_home, config, tmp_path / "c.npy", tmp_path / "o",
+                            progress=False)
+    assert doc["candidates"] == 1
