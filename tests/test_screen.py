@@ -258,36 +258,50 @@ def test_dicom_folder_candidates_are_read_in_hu_and_copies_are_caught(
         assert acc["images"].shape == (len(doc["accepted"]), SIZE, SIZE)
 
 
+def _bad_candidates(case: str, d: Path) -> Path:
+    """Write one kind of bad candidate input under ``d``; return what to screen."""
+    if case == "npz-unreadable":
+        (d / "c.npz").write_bytes(b"not an archive")
+        return d / "c.npz"
+    if case == "npz-no-images":
+        np.savez(d / "c.npz", pictures=np.zeros((2, 8, 8)))
+        return d / "c.npz"
+    arrays = {"npy-4d": np.zeros((2, 2, 8, 8)), "npy-empty": np.zeros((0, 8, 8)),
+              "npy-text": np.array([[["a"]]]), "npy-nan": np.full((1, 8, 8), np.nan)}
+    if case in arrays:
+        np.save(d / "c.npy", arrays[case])
+        return d / "c.npy"
+    if case == "other-file":
+        (d / "c.txt").write_text("x")
+        return d / "c.txt"
+    folder = d / case
+    folder.mkdir()
+    if case == "bad-png":
+        (folder / "a.png").write_bytes(b"\x89PNG bad")
+    elif case == "bad-dicom":
+        (folder / "a.dcm").write_bytes(b"DICM? no")
+    return folder
+
+
 @pytest.mark.parametrize(
-    ("make", "message"),
+    ("case", "message"),
     [
-        (lambda d: (d / "c.npz").write_bytes(b"not an archive") and d / "c.npz",
-         "cannot read candidates"),
-        (lambda d: np.savez(d / "c.npz", pictures=np.zeros((2, 8, 8))) or d / "c.npz",
-         "the .npz has no array named 'images'"),
-        (lambda d: np.save(d / "c.npy", np.zeros((2, 2, 8, 8))) or d / "c.npy",
-         "expected numeric images [N, H, W], found (2, 2, 8, 8)"),
-        (lambda d: np.save(d / "c.npy", np.zeros((0, 8, 8))) or d / "c.npy",
-         "expected numeric images [N, H, W], found (0, 8, 8)"),
-        (lambda d: np.save(d / "c.npy", np.array([[["a"]]])) or d / "c.npy",
-         "expected numeric images [N, H, W]"),
-        (lambda d: np.save(d / "c.npy", np.full((1, 8, 8), np.nan)) or d / "c.npy",
-         "candidates hold NaN or infinite values"),
-        (lambda d: (d / "c.txt").write_text("x") and d / "c.txt",
-         "candidates must be a .npz, a .npy or a folder"),
-        (lambda d: (d / "empty").mkdir() or d / "empty", "no candidate images in the folder"),
-        (lambda d: ((d / "pngs").mkdir(), (d / "pngs" / "a.png").write_bytes(b"\x89PNG bad"))
-         and d / "pngs", "unreadable image"),
-        (lambda d: ((d / "dcms").mkdir(), (d / "dcms" / "a.dcm").write_bytes(b"DICM? no"))
-         and d / "dcms", "unreadable DICOM"),
+        ("npz-unreadable", "cannot read candidates"),
+        ("npz-no-images", "the .npz has no array named 'images'"),
+        ("npy-4d", "expected numeric images [N, H, W], found (2, 2, 8, 8)"),
+        ("npy-empty", "expected numeric images [N, H, W], found (0, 8, 8)"),
+        ("npy-text", "expected numeric images [N, H, W]"),
+        ("npy-nan", "candidates hold NaN or infinite values"),
+        ("other-file", "candidates must be a .npz, a .npy or a folder"),
+        ("empty-folder", "no candidate images in the folder"),
+        ("bad-png", "unreadable image"),
+        ("bad-dicom", "unreadable DICOM"),
     ],
-    ids=["npz-unreadable", "npz-no-images", "npy-4d", "npy-empty", "npy-text", "npy-nan",
-         "other-file", "empty-folder", "bad-png", "bad-dicom"],
 )
 def test_bad_candidates_are_refused_with_exit_2_and_write_nothing(
-    guard_home: NodePaths, tmp_path: Path, make, message: str  # type: ignore[no-untyped-def]
+    guard_home: NodePaths, tmp_path: Path, case: str, message: str
 ) -> None:
-    source = make(tmp_path)
+    source = _bad_candidates(case, tmp_path)
     config = load_node_config(guard_home)
     with pytest.raises(GuardError) as err:
         screen_candidates(guard_home, config, source, tmp_path / "o", progress=False)
