@@ -329,3 +329,75 @@ def test_canary_rates_in_privacy_catch_rates_shape_are_recorded(node_home: Path)
     pred = verify_bundle(bundle, trust_of(paths, config)).predicate
     assert pred["canary_catch_rates"] == {"exact": 1.0, "noise": 0.8}
     assert pred["guard"]["canary_catch_rates"]["noise"]["planted"] == 5
+
+
+def _export_case(case: str, paths: object, config: object) -> None:
+    """Call export_bundle with one thing wrong (the rest as a valid two-image export)."""
+    images = np.zeros((2, 8, 8), np.float32)
+    kwargs: dict[str, object] = {
+        "modality": "CT", "unit": "HU", "guard": GUARD, "generator": {},
+        "distances": {m: np.array([1.0, 1.0]) for m in THRESHOLDS},
+    }
+    if case == "no images":
+        images = np.zeros((0, 8, 8), np.float32)
+    elif case == "one image plane":
+        images = np.zeros((8, 8), np.float32)
+    elif case == "NaN pixel":
+        images[1, 2, 3] = np.nan
+    elif case == "round without nonce":
+        kwargs["round_id"] = "r1"
+    elif case == "no modality":
+        kwargs["modality"] = ""
+    elif case == "zero spacing":
+        kwargs["pixel_spacing_mm"] = 0.0
+    elif case == "NaN spacing":
+        kwargs["pixel_spacing_mm"] = float("nan")
+    elif case == "empty thresholds":
+        kwargs["guard"] = dict(GUARD, thresholds={})
+    elif case == "negative threshold":
+        kwargs["guard"] = dict(GUARD, thresholds=dict(THRESHOLDS, rmse=-1.0))
+    elif case == "a metric without distances":
+        kwargs["distances"] = {m: np.array([1.0, 1.0]) for m in list(THRESHOLDS)[1:]}
+    elif case == "one distance short":
+        kwargs["distances"] = {m: np.array([1.0]) for m in THRESHOLDS}
+    elif case == "infinite distance":
+        kwargs["distances"] = {m: np.array([1.0, np.inf]) for m in THRESHOLDS}
+    elif case == "beyond float16":
+        images = np.full((2, 8, 8), 1e6, np.float32)
+        kwargs["unit"] = "a.u."
+    export_bundle(paths, config, images, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("no images", "images must be a non-empty [N, H, W] array"),
+    ("one image plane", "images must be a non-empty [N, H, W] array"),
+    ("NaN pixel", "images hold NaN or infinite values"),
+    ("round without nonce", "round_id and nonce go together"),
+    ("no modality", "modality and unit must be named"),
+    ("zero spacing", "pixel_spacing_mm must be a positive number"),
+    ("NaN spacing", "pixel_spacing_mm must be a positive number"),
+    ("empty thresholds", "guard report names no threshold"),
+    ("negative threshold", "guard report: thresholds.rmse is not a non-negative number"),
+    ("a metric without distances", "distances are for"),
+    ("one distance short", "distances["),
+    ("infinite distance", "distances["),
+    ("beyond float16", "images in unit a.u. exceed the float16 range"),
+])
+def test_bad_export_requests_are_refused_and_leave_no_bundle(
+    node_home: Path, case: str, message: str
+) -> None:
+    paths, config, _ = configure(node_home)
+    with pytest.raises(UsageError) as err:
+        _export_case(case, paths, config)
+    assert err.value.what.startswith(message)
+    assert list((paths.outbox / "pending").iterdir()) == []
+    assert not list(paths.outbox.glob(".tmp-*"))
+
+
+def test_a_site_key_that_does_not_match_its_public_half_exports_nothing(node_home: Path) -> None:
+    paths, config, _ = configure(node_home)
+    write_keypair(generate_keypair(), paths.keys / "other.ed25519", paths.keys / "other.pub")
+    (paths.keys / "other.pub").replace(paths.site_pub)  # the public half of another key
+    with pytest.raises(OperationError, match="keys/site.ed25519 and keys/site.pub do not match"):
+        _export_case("valid", paths, config)
+    assert list((paths.outbox / "pending").iterdir()) == []
