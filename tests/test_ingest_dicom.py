@@ -375,3 +375,66 @@ def test_histogram_percentiles_equal_numpy(dtype: type, side: int, low: float, h
                           dtype=np.int64).astype(dtype)
     ours = _percentiles(values, [low, high])
     np.testing.assert_allclose(ours, np.percentile(values, [low, high]), rtol=0, atol=1e-9)
+
+
+def _suv_ds(series: str = "003000", date: str = "20210305", **info_fields: object) -> Dataset:
+    ds = Dataset()
+    ds.Units = "BQML"
+    ds.PatientWeight = 70.0
+    ds.DecayCorrection = "START"
+    ds.SeriesDate = date
+    ds.SeriesTime = series
+    info = Dataset()
+    info.RadionuclideTotalDose = 370e6
+    info.RadionuclideHalfLife = 6586.2
+    for key, value in info_fields.items():
+        if value is None:
+            delattr(info, key)
+        else:
+            setattr(info, key, value)
+    ds.RadiopharmaceuticalInformationSequence = [info]
+    return ds
+
+
+def test_pet_injected_before_midnight_and_scanned_after_decays_one_hour() -> None:
+    # Only a start *time* was recorded: 23:30, series at 00:30 the next day.
+    factor, unit, reason = suv_body_weight_factor(_suv_ds(RadiopharmaceuticalStartTime="233000"))
+    assert (unit, reason) == ("SUVbw", None)
+    assert factor == pytest.approx(70_000.0 / (370e6 * 2.0 ** (-3600.0 / 6586.2)), rel=1e-12)
+    # A full start date-time needs no guessing and gives the same factor.
+    dated = suv_body_weight_factor(_suv_ds(RadiopharmaceuticalStartDateTime="20210304233000"))
+    assert dated == (factor, "SUVbw", None)
+
+
+@pytest.mark.parametrize(
+    ("ds", "expected"),
+    [
+        (_suv_ds(RadiopharmaceuticalStartDateTime="20210302233000"),
+         ("Bq/ml", "implausible injection time")),  # 49 hours before the series
+        (_suv_ds(RadiopharmaceuticalStartDateTime="20210305013000"),
+         ("Bq/ml", "implausible injection time")),  # after the series started
+        (_suv_ds(series=""), ("Bq/ml", "no series or injection time")),
+        (_suv_ds(), ("Bq/ml", "no series or injection time")),  # no injection time at all
+        (_suv_ds(RadiopharmaceuticalStartTime="233000", RadionuclideTotalDose=None),
+         ("Bq/ml", "no RadionuclideTotalDose")),
+        (_suv_ds(RadiopharmaceuticalStartTime="233000", RadionuclideHalfLife=0),
+         ("Bq/ml", "no RadionuclideHalfLife")),
+    ],
+    ids=["49-hours", "after-start", "no-series-time", "no-injection-time", "no-dose",
+         "no-half-life"],
+)
+def test_pet_suv_refuses_what_it_cannot_decay_correct(
+    ds: Dataset, expected: tuple[str, str]
+) -> None:
+    assert suv_body_weight_factor(ds) == (1.0, *expected)
+
+
+@pytest.mark.parametrize(
+    ("units", "unit", "reason"),
+    [("GML", "SUVbw", None), ("CNTS", "PET counts", "Units is not BQML"),
+     ("PROPCNTS", "PET counts", "Units is not BQML"), ("", "PET a.u.", "Units is not BQML")],
+)
+def test_pet_units_other_than_bq_per_ml(units: str, unit: str, reason: str | None) -> None:
+    ds = _suv_ds(RadiopharmaceuticalStartTime="233000")
+    ds.Units = units
+    assert suv_body_weight_factor(ds) == (1.0, unit, reason)
