@@ -41,7 +41,13 @@ def run_app(app: Any, argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("SYNTHFED_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     try:
-        app(args=args, standalone_mode=False)
+        # Outside standalone mode click *returns* the exit code of a ``typer.Exit`` and of an
+        # interrupt (Ctrl-C is 130) instead of raising; a command's own return value is None.
+        code = app(args=args, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                print("error: interrupted", file=sys.stderr)
+            sys.exit(code)
     except SynthfedError as exc:
         if debug:
             raise
