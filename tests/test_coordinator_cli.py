@@ -178,3 +178,27 @@ def test_simulate_with_the_demo_switch_needs_a_demo_policy(tmp_path: Path, node_
                         "--auto-approve-with", str(key), "--home", str(home))
     assert code == 2
     assert "error: the coordinator policy refuses demo-approved bundles" in err
+
+
+def test_node_run_status_lists_each_round_with_its_state_and_reason(node_home: Path) -> None:
+    from node.cli import app as node_app
+    from node.config import resolve_home
+    from node.rounds import NodeRound, save_node_round
+
+    result = runner.invoke(node_app, ["run", "--home", str(node_home), "--status"])
+    assert result.exit_code == 0 and result.stdout == "no rounds\n"
+    paths = resolve_home(node_home)
+    save_node_round(paths, NodeRound(round_id="r1", nonce="n1", request_sha256="0" * 64,
+                                     modality="MR", count=8, state="awaiting_review"))
+    save_node_round(paths, NodeRound(round_id="r2", nonce="n2", request_sha256="1" * 64,
+                                     modality="MR", count=8, state="failed",
+                                     reason="the generator copies", history=[{"state": "x"}]))
+    result = runner.invoke(node_app, ["run", "--home", str(node_home), "--status"])
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == ["r1: awaiting_review",
+                                          "r2: failed — the generator copies"]
+    result = runner.invoke(node_app, ["run", "--home", str(node_home), "--status", "--json"])
+    rounds = json.loads(result.stdout)["rounds"]
+    assert [(r["round_id"], r["state"], r["count"]) for r in rounds] == [
+        ("r1", "awaiting_review", 8), ("r2", "failed", 8)]
+    assert all("history" not in r for r in rounds)  # the state log stays in the home
