@@ -202,3 +202,27 @@ def test_node_run_status_lists_each_round_with_its_state_and_reason(node_home: P
     assert [(r["round_id"], r["state"], r["count"]) for r in rounds] == [
         ("r1", "awaiting_review", 8), ("r2", "failed", 8)]
     assert all("history" not in r for r in rounds)  # the state log stays in the home
+
+
+def test_init_policy_and_trust_refusals_exit_2_and_change_nothing(tmp_path: Path) -> None:
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    (crowded / "notes.txt").write_text("someone else's file\n")
+    code, _, err = _run("init", "--home", str(crowded))
+    assert code == 2 and err.startswith("error: folder is not empty")
+    assert sorted(p.name for p in crowded.iterdir()) == ["notes.txt"]
+    home = tmp_path / "c"
+    _json("init", "--home", str(home))
+    policy = (home / "policy.json").read_bytes()
+    audit = (home / "audit.jsonl").read_bytes()
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{not json")
+    for source, message in ((tmp_path / "missing.json", "error: policy file not found"),
+                            (tmp_path / "list.json", "error: policy must be a JSON object"),
+                            (tmp_path / "broken.json", "error: policy file is not JSON")):
+        code, _, err = _run("policy", "set", str(source), "--home", str(home))
+        assert code == 2 and err.startswith(message), err
+    code, _, err = _run("trust", "remove", "site-z", "--home", str(home))
+    assert code == 2 and err.startswith("error: site 'site-z' is not in the trust store")
+    assert (home / "policy.json").read_bytes() == policy
+    assert (home / "audit.jsonl").read_bytes() == audit
