@@ -320,3 +320,102 @@ def test_site_whose_node_connects_late_still_delivers(tmp_path: Path) -> None:
     outcome = run_round(grid, coord, handle.round_id, round_timeout_s=20.0, **FAST)
     assert {s: e["state"] for s, e in outcome.sites.items()} == {
         "site-a": "verified", "site-b": "verified"}
+
+
+def test_same_round_id_under_another_nonce_is_refused_by_the_node(tmp_path: Path) -> None:
+    # A validly signed request may not reuse a round id the node has answered with another
+    # nonce (a replay, or a coordinator confused after a restore): the node keeps its record.
+    import dataclasses
+    import json
+
+    from protocols.keys import load_signing_key
+    from protocols.rounds import verify_request
+
+    coord = make_coordinator(tmp_path)
+    a = make_site(tmp_path, "site-a", coord)
+    handle = open_round(coord, "CT", 64, 2)
+    first = handle_round_request(a.paths, handle.request_bytes(), generate_fn=fake_generate)
+    assert first.reply.state == "awaiting_approval"
+    key = load_signing_key(coord.coordinator_key)
+    original = verify_request(handle.request_bytes(), key.public)
+    other = dataclasses.replace(original, nonce="ab" * 16)
+    answer = handle_round_request(a.paths, sign_request(other, key), generate_fn=fake_generate)
+    assert answer.reply.state == "refused"
+    assert answer.reply.reason == "a different request with this round id was answered before"
+    record = load_node_round(a.paths, handle.round_id)
+    assert record is not None and record.nonce == original.nonce
+    assert record.state == "awaiting_approval"
+    last = json.loads(a.paths.audit.read_text().splitlines()[-1])
+    assert last["event"] == "round_request_refused"
+
+
+def test_a_round_whose_generation_was_killed_three_times_fails(tmp_path: Path) -> None:
+    coord = make_coordinator(tmp_path)
+    a = make_site(tmp_path, "site-a", coord)
+    handle = open_round(coord, "CT", 64, 2)
+
+    def must_not_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a fourth generation must not start")
+
+    calls = 0
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        record = load_node_round(a.paths, handle.round_id)
+        assert record is not None and record.state == "generating"
+        raise KeyboardInterrupt  # the worker dies here; its record says "generating"
+
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            handle_round_request(a.paths, handle.request_bytes(), generate_fn=interrupted)
+    assert calls == 3
+    answer = handle_round_request(a.paths, handle.request_bytes(), generate_fn=must_not_run)
+    assert (answer.reply.state, answer.reply.reason) == (
+        "failed", "generation was interrupted three times")
+    record = load_node_round(a.paths, handle.round_id)
+    assert record is not None and record.state == "failed" and record.attempts == 3
+    again = handle_round_request(a.paths, handle.request_bytes(), generate_fn=must_not_run)
+    assert again.reply.state == "failed"  # a failed round stays failed
+
+
+@pytest.mark.parametrize("removed", ["pending", "approved"])
+def test_a_bundle_removed_from_the_outbox_fails_the_round(tmp_path: Path, removed: str) -> None:
+    import shutil
+
+    coord = make_coordinator(tmp_path)
+    a = make_site(tmp_path, "site-a", coord)
+    handle = open_round(coord, "CT", 64, 2)
+    first = handle_round_request(a.paths, handle.request_bytes(), generate_fn=fake_generate)
+    assert first.reply.state == "awaiting_approval"
+    if removed == "pending":
+        record = load_node_round(a.paths, handle.round_id)
+        assert record is not None
+        shutil.rmtree(a.paths.outbox / "pending" / record.bundle_id)
+        reason = "the pending bundle was removed before approval"
+    else:
+        approved = approve_pending(a, handle.round_id)
+        assert handle_round_request(a.paths, handle.request_bytes(),
+                                    generate_fn=fake_generate).reply.state == "bundle"
+        record = load_node_round(a.paths, handle.round_id)
+        assert record is not None and record.state == "sent"
+        shutil.rmtree(a.paths.outbox / "sent" / approved.name)
+        reason = "the approved bundle left the outbox"
+    answer = handle_round_request(a.paths, handle.request_bytes(), generate_fn=fake_generate)
+    assert (answer.reply.state, answer.reply.reason) == ("failed", reason)
+    assert answer.bundle is None
+
+
+def test_a_second_worker_on_the_same_round_answers_generating(tmp_path: Path) -> None:
+    from node.rounds import node_round_lock
+
+    coord = make_coordinator(tmp_path)
+    a = make_site(tmp_path, "site-a", coord)
+    handle = open_round(coord, "CT", 64, 2)
+    with node_round_lock(a.paths, handle.round_id) as held:
+        assert held
+        answer = handle_round_request(a.paths, handle.request_bytes(),
+                                      generate_fn=fake_generate)
+    assert (answer.reply.state, answer.reply.reason) == (
+        "generating", "another worker of this node is on this round")
+    assert load_node_round(a.paths, handle.round_id) is None  # the other worker owns it
