@@ -1,3 +1,4 @@
+import re
 import stat
 from pathlib import Path
 
@@ -51,6 +52,16 @@ def test_node_yaml_writes_every_default_with_a_comment(tmp_path: Path) -> None:
         ({"store": {"holdout_fraction": 1.5}}, "holdout_fraction must be in"),
         ({"policy": {"reviewer_keys": "abc"}}, "policy.reviewer_keys"),
         ({"store": {"plane": "oblique"}}, "store.plane"),
+        ({"guard": {"threshold_quantile": 0.5}}, "threshold_quantile must be in [0, 0.5)"),
+        ({"guard": {"max_shift_px": -1}}, "max_shift_px must be >= 0"),
+        ({"guard": {"rotations_deg": [0.0, 50.0]}}, "rotations_deg must be within 45 degrees"),
+        ({"guard": {"metrics": ["pixel_rmse", "pixel_rmse"]}}, "metrics must be distinct"),
+        ({"guard": {"metrics": ["pixel_rmse", "ssim"]}}, "metrics must be distinct"),
+        ({"guard": {"metrics": []}}, "metrics must be distinct"),
+        ({"guard": {"canaries_per_alteration": 0}}, "canaries are not optional"),
+        ({"guard": {"batch_size": 0}}, "batch_size must be >= 1"),
+        ({"guard": {"max_tries_factor": 0.5}}, "max_tries_factor >= 1"),
+        ({"guard": {"pca_components": 600}}, "pca_components must be in 0..512"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, patch: dict, message: str) -> None:
@@ -59,7 +70,7 @@ def test_bad_config_names_the_key(tmp_path: Path, patch: dict, message: str) -> 
     for section, values in patch.items():
         data[section].update(values)
     paths.config.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_node_config(NodePaths(paths.root))
 
 
@@ -85,3 +96,23 @@ def test_hand_edited_policy_is_audited_once(tmp_path: Path) -> None:
     assert change["before"] == records[2]["details"]["after"] != change["after"]
     assert json.loads(change["policy"])["max_images_per_round"] == 7
     assert verify_audit_log(paths.audit).records == 4
+
+
+def test_the_pseudonym_secret_is_never_replaced_and_must_be_sound(tmp_path: Path) -> None:
+    # Every patient, series and instance key of a store is keyed by this secret: losing or
+    # swapping it would silently split one patient into two, so each fault is refused.
+    from node.pseudonym import Pseudonymiser, create_secret
+
+    paths = init_home(tmp_path / "h", "site-a")
+    before = paths.pseudonym_secret.read_bytes()
+    with pytest.raises(HomeError, match="refusing to overwrite the pseudonym secret"):
+        create_secret(paths.pseudonym_secret)
+    assert paths.pseudonym_secret.read_bytes() == before
+    for text, message in (("not hex at all", "pseudonym secret is not hex"),
+                          ("abcd", "pseudonym secret is too short")):
+        paths.pseudonym_secret.write_text(text + "\n")
+        with pytest.raises(HomeError, match=message):
+            Pseudonymiser.from_file(paths.pseudonym_secret)
+    paths.pseudonym_secret.unlink()
+    with pytest.raises(HomeError, match="pseudonym secret missing"):
+        Pseudonymiser.from_file(paths.pseudonym_secret)
