@@ -161,3 +161,31 @@ def test_guard_metrics_and_canaries_do_not_import_scipy_ndimage() -> None:
         "make_canaries(x, 2, rng); rotate_images(x, 3.0)\n"
     )
     assert imported_after(code, ("scipy.ndimage",)) == []
+
+
+def test_guard_refuses_to_be_built_or_used_without_what_its_promise_needs() -> None:
+    from privacy.guard import Guard
+
+    ref = np.random.default_rng(3).random((6, 16, 16)).astype(np.float32)
+    pixel, shift = PixelRMSE(), ShiftFlipDistance(2)
+    ok = {"pixel_rmse": 0.1, "shift_flip": 0.1}
+    cases = [
+        (([], ref, ok), "the guard needs at least one metric"),
+        (([pixel, PixelRMSE()], ref, ok), "duplicate metrics"),
+        (([pixel, shift], ref, {"pixel_rmse": 0.1}), "no threshold for ['shift_flip']"),
+        (([pixel], ref, {"pixel_rmse": 0.0}), "threshold of pixel_rmse must be > 0"),
+        (([pixel], ref, {"pixel_rmse": float("nan")}), "threshold of pixel_rmse must be > 0"),
+        (([pixel], ref[:0], ok), "reference must be [N, H, W], N > 0"),
+        (([pixel], ref[0], ok), "reference must be [N, H, W], N > 0"),
+    ]
+    for args, message in cases:
+        with pytest.raises(GuardError) as err:
+            Guard(*args)  # type: ignore[arg-type]
+        assert err.value.what.startswith(message), (message, err.value.what)
+    with pytest.raises(GuardError, match="workers must be >= 1"):
+        Guard([pixel], ref, ok, workers=0)
+    with pytest.raises(GuardError, match="features of pixel_rmse do not match the reference"):
+        Guard([pixel, shift], ref, ok, features_factory=lambda m, r: np.zeros((2, 256)))
+    guard = Guard([pixel, shift], ref, ok)
+    with pytest.raises(GuardError, match=r"candidates are \(8, 8\), the reference is \(16, 16\)"):
+        guard.screen(np.zeros((1, 8, 8), np.float32))
