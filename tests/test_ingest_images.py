@@ -242,3 +242,42 @@ def test_patient_merge_joins_ids_differing_by_a_trailing_letter(node_home: Path,
     assert merged.patients == 2
     with pytest.raises(IngestError, match="needs a group"):
         _ingest(merged_home, [folder], modality="MR", patient_rule=rule, patient_merge="MR")
+
+
+@pytest.mark.parametrize(
+    ("rule", "label", "merge", "message", "where"),
+    [
+        ("folder", "grade", None, "--label-column needs a csv: patient rule", "--label-column"),
+        ("pattern:^(\\w+)/", "grade", None, "--label-column needs a csv: patient rule",
+         "--label-column"),
+        ("pattern:^((\\w+)/", None, None, "bad patient pattern", "--patient-rule"),
+        ("pattern:^\\w+/", None, None, "the patient pattern needs a group", "--patient-rule"),
+        ("by-name", None, None, "unknown patient rule 'by-name'", "--patient-rule"),
+        ("folder", None, "^(MR\\d+", "bad merge pattern", "--patient-merge"),
+        ("folder", None, "^MR\\d+$", "the merge pattern needs a group", "--patient-merge"),
+    ],
+)
+def test_bad_patient_rules_are_refused_naming_the_option(
+    rule: str, label: str | None, merge: str | None, message: str, where: str
+) -> None:
+    from node.ingest.pipeline import parse_patient_rule
+
+    with pytest.raises(IngestError) as err:
+        parse_patient_rule(rule, label, merge)
+    assert err.value.what.startswith(message) and err.value.where == where
+
+
+def test_patients_csv_with_a_missing_label_column_or_bad_bytes_is_refused(tmp_path: Path) -> None:
+    from node.ingest.pipeline import parse_patient_rule
+
+    table = tmp_path / "patients.csv"
+    table.write_text("file,patient_id\na.png,p1\n")
+    with pytest.raises(IngestError, match="patients CSV has no column 'grade'"):
+        parse_patient_rule(f"csv:{table}", "grade")
+    table.write_bytes(b"file,patient_id\n\xff\xfe\xfa.png,p1\n")
+    with pytest.raises(IngestError, match="cannot read patients CSV: UnicodeDecodeError"):
+        parse_patient_rule(f"csv:{table}")
+    # Rows without a file or a patient are skipped, not guessed.
+    table.write_text("file,patient_id,label\na.png,,x\n,p2,y\nb.png,p3,\n")
+    rule = parse_patient_rule(f"csv:{table}")
+    assert rule.table == {(tmp_path / "b.png").resolve(): ("p3", None)}
