@@ -183,3 +183,41 @@ def test_manifest_verifies_by_hand_from_the_dsse_spec(
         Ed25519PublicKey.from_public_bytes(raw).verify(
             base64.b64decode(env["signatures"][0]["sig"]), message + b" "
         )
+
+
+def test_key_files_refuse_every_unsafe_or_broken_form(tmp_path: Path) -> None:
+    import os
+
+    from protocols.errors import UsageError
+    from protocols.keys import (
+        generate_keypair,
+        load_public_key,
+        load_signing_key,
+        public_key_from_hex,
+        write_keypair,
+    )
+
+    key = generate_keypair()
+    private, public = tmp_path / "k.ed25519", tmp_path / "k.pub"
+    write_keypair(key, private, public)
+    assert (os.stat(private).st_mode & 0o777, os.stat(public).st_mode & 0o777) == (0o600, 0o644)
+    assert load_signing_key(private).public.hex == load_public_key(public).hex == key.public.hex
+    with pytest.raises(UsageError, match="refusing to overwrite an existing key"):
+        write_keypair(generate_keypair(), private, public)
+    assert load_signing_key(private).seed == key.seed
+    os.chmod(private, 0o640)  # a private key others can read is not used, whatever it holds
+    with pytest.raises(UsageError, match="private key is readable by others; chmod 600 it"):
+        load_signing_key(private)
+    os.chmod(private, 0o600)
+    for content, message in ((b"zz" * 32, "private key is not hex"),
+                             (b"ab" * 31, "private key must be 32 bytes, found 31"),
+                             (b"\xff\xfe", "private key unreadable")):
+        private.write_bytes(content)
+        with pytest.raises(UsageError, match=message):
+            load_signing_key(private)
+    with pytest.raises(UsageError, match="public key not found"):
+        load_public_key(tmp_path / "missing.pub")
+    with pytest.raises(UsageError, match="public key is not hex"):
+        public_key_from_hex("not a key")
+    with pytest.raises(UsageError, match="public key must be 32 bytes, found 2"):
+        public_key_from_hex("abcd")
