@@ -57,6 +57,12 @@ def test_site_key_repeated_as_reviewer_is_refused() -> None:
         ('{"version": 1, "sites": {"a": {"site_key": "zz", "reviewer_keys": []}}}', "not hex"),
         ('{"version": 1, "sites": {"a/b": {"site_key": "' + "00" * 32 + '", '
          '"reviewer_keys": []}}}', "not allowed"),
+        ("[]", "exactly 'version' and 'sites'"),
+        ('{"version": 1, "sites": []}', "'sites' is not a mapping"),
+        ('{"version": 1, "sites": {"a": {"site_key": 7, "reviewer_keys": []}}}',
+         "sites.a has the wrong types"),
+        ('{"version": 1, "sites": {"a": {"site_key": "00", "reviewer_keys": "00"}}}',
+         "sites.a has the wrong types"),
     ],
 )
 def test_damaged_trust_store_is_refused(tmp_path: Path, text: str, reason: str) -> None:
@@ -197,3 +203,20 @@ def test_bare_keys_count_reviewers_beyond_the_first_signature(
     assert verify_bundle(bundle, keys, Policy(required_reviewer_signatures=1)).site == "site-a"
     with pytest.raises(VerificationError, match="requires 2"):
         verify_bundle(bundle, keys, Policy(required_reviewer_signatures=2))
+
+
+def test_missing_or_oversized_trust_store_is_refused_unread(tmp_path: Path) -> None:
+    from protocols.trust import MAX_TRUST_BYTES
+
+    with pytest.raises(ConfigError, match="trust store not found"):
+        TrustStore.load(tmp_path / "trust.json")
+    (tmp_path / "trust.json").write_bytes(b"[" * (MAX_TRUST_BYTES + 1))  # a nesting bomb
+    with pytest.raises(ConfigError, match=f"trust store is {MAX_TRUST_BYTES + 1} bytes"):
+        TrustStore.load(tmp_path / "trust.json")
+    store = TrustStore()
+    with pytest.raises(UsageError, match="site 'x' is not in the trust store"):
+        store.site_key("x")
+    with pytest.raises(UsageError, match="site 'x' is not in the trust store"):
+        store.reviewer_keys("x")
+    with pytest.raises(UsageError, match="site 'x' is not in the trust store"):
+        store.remove_site("x")
