@@ -117,3 +117,23 @@ def test_pool_refuses_a_stored_bundle_changed_after_intake(tmp_path: Path) -> No
     with pytest.raises(VerificationError, match="does not match its sha256"):
         build_pool(coord, handle.round_id)
     assert not (coord.pools / handle.round_id).exists()
+
+
+def test_pool_refuses_non_images_and_non_finite_values_and_writes_nothing(tmp_path: Path) -> None:
+    bad = {"bundle images are not [N, H, W]": np.zeros((4, 4), np.float32),
+           "bundle images hold non-finite values": np.full((1, 4, 4), np.inf, np.float32)}
+    for message, images in bad.items():
+        with pytest.raises(OperationError, match=message.replace("[", r"\[")):
+            write_pool(tmp_path / "pool", "r-1", [(_desc("a", "d1"), images)])
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pool_whose_parts_disagree_is_refused_on_load(tmp_path: Path) -> None:
+    dest = write_pool(tmp_path / "pool", "r-1",
+                      [(_desc("a", "d1"), np.zeros((3, 4, 4), np.float32))])
+    lines = (dest / "index.jsonl").read_text().splitlines()
+    (dest / "index.jsonl").write_text("\n".join(lines[:2]) + "\n")  # one index line lost
+    with pytest.raises(OperationError, match="images, index and manifest disagree"):
+        load_pool(dest)
+    with pytest.raises(UsageError, match="not a pool folder"):
+        load_pool(tmp_path)
