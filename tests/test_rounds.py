@@ -312,3 +312,58 @@ def test_evaluate_reply_carries_only_numbers(node_home: Path, monkeypatch: pytes
     # the one text that goes back is the site's consortium id (node.yaml), to label the numbers
     assert {k: dict(v) for k, v in reply.content.config_records.items()} == {
         "site": {"site": "site-a"}}
+
+
+def _signed(payload: bytes, key, kind: str = "request") -> bytes:  # type: ignore[no-untyped-def]
+    from protocols.dsse import sign_envelope
+    from protocols.rounds import ROUND_REPLY_TYPE, ROUND_REQUEST_TYPE
+
+    return sign_envelope(payload, ROUND_REQUEST_TYPE if kind == "request" else ROUND_REPLY_TYPE,
+                         [key]).to_bytes()
+
+
+def test_signed_requests_with_malformed_payloads_are_refused() -> None:
+    # Signed by the trusted coordinator key, and still refused: the node parses strictly.
+    key = generate_keypair()
+    good = json.loads(_request(key).to_payload())
+    cases = [
+        (b"not json", "payload is not JSON"),
+        (b"[1, 2]", "payload is not a JSON object"),
+        (json.dumps(dict(good, extra=1)).encode(), "fields wrong (extra ['extra'], missing [])"),
+        (json.dumps({k: v for k, v in good.items() if k != "count"}).encode(),
+         "fields wrong (extra [], missing ['count'])"),
+        (json.dumps(dict(good, count="8")).encode(), "field count has the wrong type"),
+        (json.dumps(dict(good, count=True)).encode(), "field count has the wrong type"),
+    ]
+    for payload, message in cases:
+        with pytest.raises(VerificationError) as err:
+            verify_request(_signed(payload, key), key.public)
+        assert err.value.what.startswith(message), (message, err.value.what)
+    other = generate_keypair()  # signed by the trusted key, naming another coordinator key
+    naming_other = _request(other).to_payload()
+    with pytest.raises(VerificationError, match="names a different coordinator key than"):
+        verify_request(_signed(naming_other, key), key.public)
+    future = _request(key, created=time.time() + 3600, expires=time.time() + 7200)
+    with pytest.raises(VerificationError, match="request is dated in the future"):
+        verify_request(sign_request(future, key), key.public)
+    with pytest.raises(VerificationError, match="request names a different coordinator key"):
+        sign_request(_request(other), key)
+
+
+def test_replies_are_refused_unless_the_named_sites_key_signed_a_well_formed_one() -> None:
+    site_a, site_b = generate_keypair(), generate_keypair()
+    keys = {"site-a": site_a.public, "site-b": site_b.public}
+    reply = RoundReply(round_id=new_round_id(), nonce="ab" * 32, site="site-a",
+                       state="awaiting_approval", reason="waiting for the reviewer",
+                       bundle_sha256="", bundle_bytes=0, archive_sha256="",
+                       sent=time.time(), timings_s={"generate": 1.5})
+    assert verify_reply(sign_reply(reply, site_a), keys) == reply
+    with pytest.raises(VerificationError, match="unknown key"):
+        verify_reply(sign_reply(reply, site_b), keys)  # site-b signs a reply naming site-a
+    with pytest.raises(VerificationError, match="reply from unknown site 'site-a'"):
+        verify_reply(sign_reply(reply, site_a), {"site-b": site_b.public})
+    body = json.loads(reply.to_payload())
+    for timings in ({"generate": "slow"}, {"generate": True}):
+        with pytest.raises(VerificationError, match="timings_s must map names to numbers"):
+            verify_reply(_signed(json.dumps(dict(body, timings_s=timings)).encode(), site_a,
+                                 "reply"), keys)
