@@ -87,3 +87,33 @@ def test_concurrent_appenders_never_fork_the_chain(tmp_path: Path) -> None:
 def _append_many(path: Path, worker: int) -> None:
     for i in range(25):
         append_audit(path, "event", {"worker": worker, "i": i})
+
+
+def test_damaged_last_record_stops_appending_and_every_damage_is_named(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    with pytest.raises(VerificationError, match="audit log not found"):
+        verify_audit_log(log)
+    append_audit(log, "first", {"n": 1})
+    good = log.read_bytes()
+    log.write_bytes(good + b'{"seq": "x"}\n')  # a last record without a usable seq
+    with pytest.raises(VerificationError, match="last audit record is damaged; run audit"):
+        append_audit(log, "second", {"n": 2})
+    assert log.read_bytes() == good + b'{"seq": "x"}\n'  # nothing appended after the damage
+    for tail, message in ((b"not json\n", "record is not JSON"),
+                          (b"[1, 2]\n", "record is not a JSON object")):
+        log.write_bytes(good + tail)
+        with pytest.raises(VerificationError, match=message) as err:
+            verify_audit_log(log)
+        assert err.value.where == f"{log}:2"
+    # A record re-serialised with its own hash intact but not in canonical form is an edit.
+    record = json.loads(good)
+    log.write_bytes(json.dumps(record, indent=None, separators=(", ", ": ")).encode() + b"\n")
+    with pytest.raises(VerificationError, match="not in canonical form"):
+        verify_audit_log(log)
+
+
+def test_a_record_longer_than_the_tail_block_is_read_back_whole(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    append_audit(log, "big", {"text": "x" * 200_000})  # over the 64 KiB first block
+    append_audit(log, "after", {})
+    assert verify_audit_log(log).records == 2
