@@ -220,3 +220,40 @@ def test_missing_or_oversized_trust_store_is_refused_unread(tmp_path: Path) -> N
         store.reviewer_keys("x")
     with pytest.raises(UsageError, match="site 'x' is not in the trust store"):
         store.remove_site("x")
+
+
+def test_policy_files_that_are_missing_oversized_or_do_not_parse_are_refused(
+    tmp_path: Path,
+) -> None:
+    from protocols.policy import MAX_POLICY_BYTES
+
+    with pytest.raises(ConfigError, match="policy file not found"):
+        load_policy(tmp_path / "policy.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (MAX_POLICY_BYTES + 1))
+    with pytest.raises(ConfigError, match="over the limit"):
+        load_policy(big)
+    for name, text in (("bad.json", "{"), ("bad.yaml", "a: [1, 2"), ("list.yaml", "- 1\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match="does not parse|policy must be a mapping"):
+            load_policy(tmp_path / name)
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from protocols.files import atomic_write_bytes
+
+    target = tmp_path / "trust.json"
+    target.write_bytes(b"old")
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trust.json"]
