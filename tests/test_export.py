@@ -401,3 +401,28 @@ def test_a_site_key_that_does_not_match_its_public_half_exports_nothing(node_hom
     with pytest.raises(OperationError, match="keys/site.ed25519 and keys/site.pub do not match"):
         _export_case("valid", paths, config)
     assert list((paths.outbox / "pending").iterdir()) == []
+
+
+def test_send_refuses_the_outbox_a_name_clash_and_folders_outside_the_outbox(
+    node_home: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    paths, config, reviewers = configure(node_home, reviewers=1)
+    approved = approve_bundle(paths, export_small(paths, config), reviewers[0])
+    other = approve_bundle(paths, export_small(paths, config, seed=1), reviewers[0])
+    for inside in (paths.outbox, paths.outbox / "drop"):
+        with pytest.raises(UsageError, match="the destination is inside the outbox"):
+            send_bundle(paths, approved, inside)
+    clash = tmp_path / "drop" / approved.name  # another bundle already under this name
+    shutil.copytree(other, clash)
+    with pytest.raises(UsageError, match="a different bundle of that name is already there"):
+        send_bundle(paths, approved, tmp_path / "drop")
+    assert approved.is_dir() and not (paths.outbox / "sent" / approved.name).exists()
+    stray = tmp_path / "stray" / "approved" / approved.name  # looks like an outbox, is not
+    shutil.copytree(approved, stray)
+    with pytest.raises(UsageError, match="not a bundle of this node's outbox"):
+        send_bundle(paths, stray, tmp_path / "drop2")
+    with pytest.raises(UsageError, match="bundle not found"):
+        send_bundle(paths, "../" + approved.name, tmp_path / "drop2")
+    assert not (tmp_path / "drop2").exists()
