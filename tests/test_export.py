@@ -426,3 +426,32 @@ def test_send_refuses_the_outbox_a_name_clash_and_folders_outside_the_outbox(
     with pytest.raises(UsageError, match="bundle not found"):
         send_bundle(paths, "../" + approved.name, tmp_path / "drop2")
     assert not (tmp_path / "drop2").exists()
+
+
+def test_approve_refuses_a_non_pending_bundle_and_a_manifest_swapped_under_it(
+    node_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import node.export as export
+
+    paths, config, reviewers = configure(node_home, reviewers=2, required=2)
+    pending = export_small(paths, config)
+    approve_bundle(paths, pending, reviewers[0])
+    original = export.verify_bundle
+
+    def swap_after_verifying(folder: Path, *args: object, **kwargs: object) -> object:
+        verified = original(folder, *args, **kwargs)  # type: ignore[arg-type]
+        manifest = Path(folder) / MANIFEST
+        manifest.write_bytes(manifest.read_bytes() + b" ")  # changed between check and use
+        return verified
+
+    monkeypatch.setattr(export, "verify_bundle", swap_after_verifying)
+    with pytest.raises(VerificationError, match="manifest changed while being approved"):
+        approve_bundle(paths, pending, reviewers[1])
+    monkeypatch.setattr(export, "verify_bundle", original)
+    assert (paths.outbox / "pending" / pending.name).is_dir()  # not approved, not moved
+    assert _audit_events(node_home)[-1]["event"] == "approve"  # only the first approval
+    (pending / MANIFEST).write_bytes((pending / MANIFEST).read_bytes().rstrip(b" "))
+    approved = approve_bundle(paths, pending, reviewers[1])
+    assert approved.parent.name == "approved"
+    with pytest.raises(UsageError, match="bundle is approved; only a pending bundle can be"):
+        approve_bundle(paths, approved, reviewers[1])
