@@ -436,7 +436,7 @@ def test_approve_refuses_a_non_pending_bundle_and_a_manifest_swapped_under_it(
     paths, config, reviewers = configure(node_home, reviewers=2, required=2)
     pending = export_small(paths, config)
     approve_bundle(paths, pending, reviewers[0])
-    original = export.verify_bundle
+    original = export.verify_bundle  # type: ignore[attr-defined]
 
     def swap_after_verifying(folder: Path, *args: object, **kwargs: object) -> object:
         verified = original(folder, *args, **kwargs)  # type: ignore[arg-type]
