@@ -18,13 +18,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fixtures.bundle_factory import configure, export_small, trust_of
+from fixtures.bundle_factory import configure, export_small, resign_statement, trust_of
 
 from protocols.bundle import MANIFEST, MAX_NPY_HEADER_BYTES, verify_bundle
-from protocols.dsse import IN_TOTO_PAYLOAD_TYPE, parse_envelope, sign_envelope
 from protocols.errors import VerificationError
 from protocols.files import canonical_json
-from protocols.keys import load_signing_key
 from tests.test_bundle_tamper import _resign_with_file
 
 
@@ -192,16 +190,6 @@ def test_the_same_pixels_under_a_version_2_header_verify(
                                   np.frombuffer(body, header["descr"]).reshape(2, 16, 16))
 
 
-def _resign_statement(paths: Any, bundle: Path, change: Callable[[dict[str, Any]], None]
-                      ) -> None:
-    env = parse_envelope((bundle / MANIFEST).read_bytes())
-    statement = json.loads(env.payload)
-    change(statement)
-    key = load_signing_key(paths.site_key)
-    signed = sign_envelope(canonical_json(statement), IN_TOTO_PAYLOAD_TYPE, [key])
-    (bundle / MANIFEST).write_bytes(signed.to_bytes())
-
-
 def test_signed_statements_that_misdescribe_the_bundle_are_refused(
     exported: tuple[Any, Path], bundle: Path
 ) -> None:
@@ -210,7 +198,7 @@ def test_signed_statements_that_misdescribe_the_bundle_are_refused(
 
     def attempt(change: Callable[[dict[str, Any]], None]) -> str:
         (bundle / MANIFEST).write_bytes(original)
-        _resign_statement(paths, bundle, change)
+        resign_statement(paths, bundle, change)
         return _reason(exported, bundle)
 
     def drop(name: str) -> Callable[[dict[str, Any]], None]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fixtures.bundle_factory import configure, export_small, trust_of
+from fixtures.bundle_factory import configure, export_small, resign_statement, trust_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -238,16 +238,15 @@ def _resign_with_file(paths: Any, bundle: Path, name: str, data: bytes,
                       subject_name: str | None = None) -> None:
     """Rewrite a file and re-sign the statement with the site key (a dishonest site)."""
     (bundle / name).write_bytes(data)
-    env = parse_envelope((bundle / MANIFEST).read_bytes())
-    statement = json.loads(env.payload)
-    for item in statement["subject"]:
-        if item["name"] == name:
-            item["digest"]["sha256"] = sha256_file(bundle / name)
-            if subject_name is not None:
-                item["name"] = subject_name
-    key = load_signing_key(paths.site_key)
-    signed = sign_envelope(canonical_json(statement), IN_TOTO_PAYLOAD_TYPE, [key])
-    (bundle / MANIFEST).write_bytes(signed.to_bytes())
+
+    def point_at_new_file(statement: dict[str, Any]) -> None:
+        for item in statement["subject"]:
+            if item["name"] == name:
+                item["digest"]["sha256"] = sha256_file(bundle / name)
+                if subject_name is not None:
+                    item["name"] = subject_name
+
+    resign_statement(paths, bundle, point_at_new_file)
 
 
 def test_path_with_dotdot_in_subject_list_is_refused(site: Any, tmp_path: Path) -> None:
