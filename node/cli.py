@@ -22,6 +22,7 @@ app = typer.Typer(
 
 COMMANDS = (
     "init",
+    "status",
     "ingest",
     "audit",
     "train",

@@ -55,6 +55,7 @@ __all__ = [
     "cached_features",
     "cached_tile_index",
     "CALIBRATION_VERSION",
+    "inputs_digest",
 ]
 
 CALIBRATION_VERSION = 1
@@ -141,7 +142,8 @@ def build_metrics(
     return out
 
 
-def _inputs_digest(reference: GuardReference, config: NodeConfig) -> str:
+def inputs_digest(reference: GuardReference, config: NodeConfig) -> str:
+    """What a calibration depends on: the reference, the guard settings, the policy floors."""
     return sha256_hex(
         canonical_json(
             {
@@ -400,7 +402,7 @@ def prepare_guard(
     """Load the reference and a calibration matching it (calibrating when needed)."""
     settings = config.guard
     reference = load_reference(paths)
-    digest = _inputs_digest(reference, config)
+    digest = inputs_digest(reference, config)
     embed: Callable[[np.ndarray], np.ndarray] | None = None
     enc_meta: dict[str, Any] = {}
     if "embedding" in settings.metrics:
