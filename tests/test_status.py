@@ -57,7 +57,9 @@ def test_status_says_when_the_calibration_no_longer_matches_the_store(
 ) -> None:
     home = NodePaths(tmp_path / "home")
     shutil.copytree(calibrated_home, home.root)
+    before = _tree(home.root)
     doc = _json(home.root, capsys)
+    assert _tree(home.root) == before  # reading the store and the calibration changes nothing
     kept = json.loads((home.guard / "calibration.json").read_text(encoding="utf-8"))
     assert doc["guard"]["state"] == "calibrated" and "next" not in doc["guard"]
     assert doc["guard"]["reference_slices"] == doc["store"]["slices"] > 0
