@@ -23,14 +23,14 @@ def _problem(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _store(paths: NodePaths) -> tuple[dict[str, Any], set[str], str | None]:
-    """The store's counts, the pixel digests it holds and its train split digest."""
+def _store(paths: NodePaths) -> tuple[dict[str, Any], set[str]]:
+    """The store's counts and the pixel digests of its slices."""
     from node.errors import StoreError
     from node.store import Store
 
     if not (paths.store / "catalog.sqlite").exists():  # nothing ingested yet: create nothing
         return {"slices": 0, "patients": 0, "series": 0, "by_modality": {}, "by_split": {},
-                "image_size": None}, set(), None
+                "image_size": None}, set()
     with Store(paths.store) as store:
         out: dict[str, Any] = dict(store.summary())
         records = store.records()
@@ -40,13 +40,14 @@ def _store(paths: NodePaths) -> tuple[dict[str, Any], set[str], str | None]:
                 out["image_size"] = store.image_size()
             except StoreError as exc:  # several sizes: the counts still stand
                 out["problem"] = exc.what
-        digest = store.split_digest("train") if records else None
-        return out, {r.pixel_digest for r in records}, digest
+        return out, {r.pixel_digest for r in records}
 
 
-def _generator(paths: NodePaths, held: set[str], split_digest: str | None) -> dict[str, Any]:
+def _generator(paths: NodePaths, held: set[str]) -> dict[str, Any]:
     from node.generator.checkpoint import checkpoint_path, load_checkpoint
     from node.generator.presets import config_from_dict
+    from node.guard.run import check_generator_covered
+    from privacy.errors import GuardError
 
     path = checkpoint_path(paths)
     if not path.exists():
@@ -66,18 +67,17 @@ def _generator(paths: NodePaths, held: set[str], split_digest: str | None) -> di
         "checkpoint_sha256": sha,
     }
     digests = state.get("train_pixel_digests")
-    if digests is not None:
-        missing = len(set(digests) - held)
-        out["store_holds_its_training_slices"] = missing == 0
-        if missing:
-            out["problem"] = (f"it learnt from {missing} slice(s) this store does not hold:"
-                              " generate refuses it; train in this home (train --overwrite)")
-    else:
-        same = state.get("train_split_digest") == split_digest
-        out["store_holds_its_training_slices"] = same
-        if not same:
-            out["problem"] = ("trained on another train split than this store's (an older"
-                              " checkpoint without slice digests): train --overwrite")
+    if digests is None and not held:  # an old checkpoint and no store: open (create) nothing
+        out["store_holds_its_training_slices"] = False
+        out["problem"] = "the store is empty: generate refuses it"
+        return out
+    try:  # the check generate makes before it samples anything
+        check_generator_covered(paths, held, None if digests is None else set(digests),
+                                str(state.get("train_split_digest", "")))
+        out["store_holds_its_training_slices"] = True
+    except GuardError as exc:
+        out["store_holds_its_training_slices"] = False
+        out["problem"] = f"generate refuses it: {exc.what}"
     if step < total and "problem" not in out:
         out["next"] = "synthfed-node train --resume"
     return out
@@ -134,13 +134,12 @@ def node_status(paths: NodePaths, config: NodeConfig) -> dict[str, Any]:
         out["site_keyid"] = None
         out["site_key_problem"] = _problem(exc)
     held: set[str] = set()
-    split: str | None = None
     try:
-        out["store"], held, split = _store(paths)
+        out["store"], held = _store(paths)
     except Exception as exc:
         out["store"] = {"problem": _problem(exc)}
     parts: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (
-        ("generator", lambda: _generator(paths, held, split)),
+        ("generator", lambda: _generator(paths, held)),
         ("guard", lambda: _guard(paths, config)),
         ("outbox", lambda: _outbox(paths)),
         ("audit", lambda: _audit(paths)),

@@ -109,9 +109,9 @@ def test_status_flags_a_generator_that_learnt_from_slices_the_store_does_not_hol
     shutil.copy2(trained.root / "models" / "generator.pt", home.root / "models" / "generator.pt")
     gen = _json(home.root, capsys)["generator"]
     assert gen["store_holds_its_training_slices"] is False
-    assert "learnt from 40 slice(s) this store does not hold" in gen["problem"]
+    assert gen["problem"].startswith("generate refuses it: the generator learnt from 40 slice(s)")
     code, out, _ = _status(home.root, capsys)
-    assert code == 0 and "problem: it learnt from 40 slice(s)" in out
+    assert code == 0 and "problem: generate refuses it: the generator learnt from 40" in out
 
 
 def test_status_exits_2_on_a_damaged_audit_log_and_still_reports_the_rest(

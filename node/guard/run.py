@@ -19,6 +19,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -239,7 +240,8 @@ def _write_run(
 
 
 def check_generator_covered(
-    paths: NodePaths, state: GuardState, pixel_digests: frozenset[str] | None, split_digest: str
+    paths: NodePaths, held: AbstractSet[str], pixel_digests: AbstractSet[str] | None,
+    split_digest: str,
 ) -> None:
     """Refuse a generator that learnt from a slice the guard's reference does not hold.
 
@@ -247,10 +249,10 @@ def check_generator_covered(
     generator trained in another home (or on a store since rebuilt) could reproduce slices
     this reference has never seen. Checkpoints record the pixel digests of their training
     slices; older ones only their training split's digest, which must then be this store's.
+    ``held``: the pixel digests of every slice of the store (the guard's reference).
     """
     if pixel_digests is not None:
-        held = {r.pixel_digest for r in state.reference.records}
-        missing = len(pixel_digests - held)
+        missing = len(set(pixel_digests) - set(held))
         if missing:
             raise GuardError(
                 f"the generator learnt from {missing} slice(s) that this node's store does not"
@@ -305,7 +307,8 @@ def generate_and_screen(
         from node.generator.sampling import load_generator
 
         gen = load_generator(paths)
-        check_generator_covered(paths, state, gen.train_pixel_digests, gen.train_split_digest)
+        check_generator_covered(paths, {r.pixel_digest for r in state.reference.records},
+                                gen.train_pixel_digests, gen.train_split_digest)
         if modality is None:
             modality = gen.modalities[0] if len(gen.modalities) == 1 else _sole_modality(state)
         chosen = modality
