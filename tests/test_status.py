@@ -130,3 +130,26 @@ def test_status_exits_2_on_a_damaged_audit_log_and_still_reports_the_rest(
     doc = json.loads(out)
     assert code == 2 and doc["audit"]["state"] == "broken" and doc["audit"]["problem"]
     assert doc["store"]["slices"] == 0
+
+
+def test_status_of_an_older_checkpoint_without_slice_digests(
+    trained: NodePaths, node_home: Path, tmp_path: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from node.generator.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+
+    home = NodePaths(tmp_path / "trained")
+    shutil.copytree(trained.root, home.root)
+    state, _ = load_checkpoint(checkpoint_path(home))
+    old = {k: v for k, v in state.items() if k != "train_pixel_digests"}
+    save_checkpoint(checkpoint_path(home), old)  # judged by its training split's digest
+    gen = _json(home.root, capsys)["generator"]
+    assert gen["store_holds_its_training_slices"] is True and "problem" not in gen
+    # The same checkpoint in a home with nothing ingested: refused, and no store is created.
+    empty = NodePaths(node_home)
+    save_checkpoint(checkpoint_path(empty), old)
+    before = _tree(empty.root)
+    gen = _json(empty.root, capsys)["generator"]
+    assert gen["store_holds_its_training_slices"] is False
+    assert gen["problem"] == "the store is empty: generate refuses it"
+    assert _tree(empty.root) == before
