@@ -153,3 +153,21 @@ def test_status_of_an_older_checkpoint_without_slice_digests(
     assert gen["store_holds_its_training_slices"] is False
     assert gen["problem"] == "the store is empty: generate refuses it"
     assert _tree(empty.root) == before
+
+
+def test_status_reports_a_damaged_checkpoint_and_calibration_and_goes_on(
+    node_home: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    paths = NodePaths(node_home)
+    (paths.models / "generator.pt").write_bytes(b"not a checkpoint")
+    paths.guard.mkdir(exist_ok=True)
+    (paths.guard / "calibration.json").write_text('{"inputs_digest": ', encoding="utf-8")
+    doc = _json(node_home, capsys)
+    assert doc["generator"]["state"] == "unreadable"
+    assert "checkpoint is unreadable" in doc["generator"]["problem"]
+    assert doc["guard"]["state"] == "unreadable" and "JSONDecodeError" in doc["guard"]["problem"]
+    assert doc["audit"]["state"] == "intact" and doc["outbox"]["pending"] == 0
+    code, out, _ = _status(node_home, capsys)
+    assert code == 0
+    assert "generator: unreadable\n  problem: checkpoint is unreadable" in out
+    assert "guard: unreadable\n  problem: JSONDecodeError" in out
