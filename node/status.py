@@ -19,18 +19,20 @@ __all__ = ["node_status", "format_status"]
 
 def _problem(exc: Exception) -> str:
     if isinstance(exc, SynthfedError):
-        return str(exc.what) + (f" ({exc.where})" if exc.where else "")
+        return exc.diagnostics()
     return f"{type(exc).__name__}: {exc}"
 
 
-def _store(paths: NodePaths) -> tuple[dict[str, Any], set[str]]:
-    """The store's counts and the pixel digests of its slices."""
+def _store(paths: NodePaths) -> tuple[dict[str, Any], set[str], str | None]:
+    """The store's counts, the pixel digests of its slices and the guard's reference digest
+    (None for an empty store); from the catalog only, no pixel is read."""
     from node.errors import StoreError
+    from node.guard.reference import reference_digest
     from node.store import Store
 
     if not (paths.store / "catalog.sqlite").exists():  # nothing ingested yet: create nothing
         return {"slices": 0, "patients": 0, "series": 0, "by_modality": {}, "by_split": {},
-                "image_size": None}, set()
+                "image_size": None}, set(), None
     with Store(paths.store) as store:
         out: dict[str, Any] = dict(store.summary())
         records = store.records()
@@ -40,7 +42,8 @@ def _store(paths: NodePaths) -> tuple[dict[str, Any], set[str]]:
                 out["image_size"] = store.image_size()
             except StoreError as exc:  # several sizes: the counts still stand
                 out["problem"] = exc.what
-        return out, {r.pixel_digest for r in records}
+        digest = reference_digest(store) if records else None
+        return out, {r.pixel_digest for r in records}, digest
 
 
 def _generator(paths: NodePaths, held: set[str]) -> dict[str, Any]:
@@ -83,15 +86,17 @@ def _generator(paths: NodePaths, held: set[str]) -> dict[str, Any]:
     return out
 
 
-def _guard(paths: NodePaths, config: NodeConfig) -> dict[str, Any]:
+def _guard(
+    paths: NodePaths, config: NodeConfig, reference: str | None, image_size: int | None
+) -> dict[str, Any]:
     from node.guard.calibration import inputs_digest
-    from node.guard.reference import load_reference
 
     cal = paths.guard / "calibration.json"
     if not cal.exists():
         return {"state": "not calibrated", "next": "the next generate or screen calibrates"}
     doc = json.loads(cal.read_text(encoding="utf-8"))
-    current = doc.get("inputs_digest") == inputs_digest(load_reference(paths), config)
+    current = (reference is not None and image_size is not None
+               and doc.get("inputs_digest") == inputs_digest(reference, image_size, config))
     out: dict[str, Any] = {
         "state": "calibrated" if current else "stale",
         "reference_slices": doc.get("reference_slices"),
@@ -134,13 +139,14 @@ def node_status(paths: NodePaths, config: NodeConfig) -> dict[str, Any]:
         out["site_keyid"] = None
         out["site_key_problem"] = _problem(exc)
     held: set[str] = set()
+    reference: str | None = None
     try:
-        out["store"], held = _store(paths)
+        out["store"], held, reference = _store(paths)
     except Exception as exc:
         out["store"] = {"problem": _problem(exc)}
     parts: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (
         ("generator", lambda: _generator(paths, held)),
-        ("guard", lambda: _guard(paths, config)),
+        ("guard", lambda: _guard(paths, config, reference, out["store"].get("image_size"))),
         ("outbox", lambda: _outbox(paths)),
         ("audit", lambda: _audit(paths)),
     )

@@ -110,7 +110,6 @@ SEARCH_VERSION = 2  # layout of ExactIndex.state(); bump when the augmented vect
 MAX_DIM = 1 << 21
 MAX_COMPONENTS = 512
 MAX_BLOCKS = 512
-_EXACT_ROWS = 2048
 DENSE_ENTRIES = 1 << 26  # one-variant queries go dense up to this many reference entries
 _SEED_REFS = 8
 _U32 = 2.0**-24  # unit roundoff of float32
@@ -126,9 +125,9 @@ def _sq_row_sums(n: int, f: int, fill: Callable[[slice, np.ndarray], None]) -> n
 
     Every row is squared and reduced on its own by the same numpy calls, whatever block it
     falls in, so the result of a row does not depend on the others: the index and brute force
-    agree bit for bit. The buffer is small and reused: differences of thousands of pairs made
-    whole, at once, were fresh arrays of hundreds of megabytes, and the page faults of touching
-    them cost five times the arithmetic (0.27 s of a 0.33 s step in a generate run)."""
+    agree bit for bit. The buffer is small and reused: the differences of thousands of pairs
+    made at once were several fresh arrays of 36-72 MiB, and the page faults of touching them
+    cost five times the arithmetic (0.27 s of a 0.33 s step in a process's first screening)."""
     out = np.empty(n, dtype=np.float64)
     step = max(1, min(n, _EXACT_BLOCK // max(1, f)))
     buf = np.empty((step, f), dtype=np.float64)
@@ -750,11 +749,7 @@ def brute_force_nearest(variants: np.ndarray, features: np.ndarray, k: int = 1) 
         best = np.full(n, np.inf)
         best_t = np.zeros(n, dtype=np.int64)
         for tv in range(t):
-            d = np.empty(n)
-            for start in range(0, n, _EXACT_ROWS):
-                d[start : start + _EXACT_ROWS] = exact_sq_distances(
-                    var[qi, tv], feats[start : start + _EXACT_ROWS]
-                )
+            d = exact_sq_distances(var[qi, tv], feats)
             better = d < best
             best[better] = d[better]
             best_t[better] = tv

@@ -142,16 +142,17 @@ def build_metrics(
     return out
 
 
-def inputs_digest(reference: GuardReference, config: NodeConfig) -> str:
-    """What a calibration depends on: the reference, the guard settings, the policy floors."""
+def inputs_digest(reference: str, image_size: int, config: NodeConfig) -> str:
+    """What a calibration depends on: the reference (its digest, :func:`reference_digest`,
+    and grid), the guard settings, the policy floors."""
     return sha256_hex(
         canonical_json(
             {
                 "version": CALIBRATION_VERSION,
-                "reference": reference.digest,
+                "reference": reference,
                 "guard": to_dict(config.guard),
                 "floors": dict(config.policy.guard_floor),
-                "image_size": int(reference.images.shape[1]),
+                "image_size": int(image_size),
             }
         )
     )
@@ -402,7 +403,7 @@ def prepare_guard(
     """Load the reference and a calibration matching it (calibrating when needed)."""
     settings = config.guard
     reference = load_reference(paths)
-    digest = inputs_digest(reference, config)
+    digest = inputs_digest(reference.digest, int(reference.images.shape[1]), config)
     embed: Callable[[np.ndarray], np.ndarray] | None = None
     enc_meta: dict[str, Any] = {}
     if "embedding" in settings.metrics:

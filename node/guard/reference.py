@@ -16,7 +16,7 @@ from node.config import NodePaths
 from node.errors import StoreError
 from node.store import SliceRecord, Store
 
-__all__ = ["GuardReference", "load_reference"]
+__all__ = ["GuardReference", "load_reference", "reference_digest"]
 
 
 @dataclass
@@ -57,7 +57,12 @@ def load_reference(paths: NodePaths) -> GuardReference:
             raise StoreError("the store is empty: ingest something before screening", "store")
         store.image_size()  # refuses mixed grids
         images = store.load(records)
-        digest = hashlib.sha256(
-            (store.split_digest("train") + ":" + store.split_digest("holdout")).encode()
-        ).hexdigest()
+        digest = reference_digest(store)
     return GuardReference(images=images, records=records, digest=digest)
+
+
+def reference_digest(store: Store) -> str:
+    """Which slices, with which pixels, in which split: from the catalog, no pixel read."""
+    return hashlib.sha256(
+        (store.split_digest("train") + ":" + store.split_digest("holdout")).encode()
+    ).hexdigest()
