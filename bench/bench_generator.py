@@ -5,6 +5,7 @@
         [--diffusion-steps N]
     python bench/bench_generator.py bench --home DIR [--label TEXT]
     python bench/bench_generator.py weighting --home DIR [--diffusion-steps N] [--gamma G]
+    python bench/bench_generator.py autoencoder --home DIR [--home DIR ...] [--count 512]
 
 ``build`` makes a store from ../shared/data without the ingest pipeline (written in parallel):
 MR = brain-tumor-t1c JPEGs (per-slice 0.5 / 99.5 percentiles -> [0, 1], patients from
@@ -14,7 +15,10 @@ times both training stages and three samplers on the same trained model and appe
 figures to bench/RESULTS.md. ``weighting`` trains one autoencoder, then one diffusion
 stage per stage-2 loss weighting (uniform, min_snr) from it, with the same seeds, batches and
 steps, and records both quality reports and a figure of samples of the same seeds side by
-side. Outputs stay in the node home (keep it out of the repository).
+side. ``autoencoder`` puts the same holdout slices (the first ``--count`` of the first home's
+holdout split; every home must hold the same split) through each home's EMA autoencoder and
+records what stage 1 keeps of genuinely unseen slices: L1, PSNR, spectrum distance and the
+fine-scale power deficit. Outputs stay in the node home (keep it out of the repository).
 """
 
 from __future__ import annotations
@@ -127,6 +131,11 @@ def write_store(home: Path, slices: list[NewSlice]) -> int:
     pseudo = Pseudonymiser.from_file(home / "keys" / "pseudonym.secret")
     added = 0
     with Store(home / "store") as store:
+        if held := store.count():
+            # A pack's instance keys come from another home's secret, so nothing would
+            # deduplicate them: a second build would silently double the store.
+            raise SystemExit(f"{home}: the store already holds {held:,} slices; build makes a"
+                             " new store, so give it a new --home")
         for start in range(0, len(slices), 256):
             added += store.add_batch(slices[start : start + 256])
         split = store.assign_split(0.2, lambda p: pseudo.rank(0, p))
@@ -292,7 +301,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {platform.machine()}, device {device.type}, autoencoder"
-        f" {run.ae_precision}, UNet {', '.join(precisions)} (as tagged),"
+        f" {run.ae_precision} (training steps {run.ae_train_precision}),"
+        f" UNet {', '.join(precisions)} (as tagged),"
         f" {machine_line(SHARE, f'torch threads {threads}')}",
         f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python"
         f" bench/bench_generator.py bench --home {args.home} --label '{args.label}'"
@@ -518,6 +528,67 @@ def _weighting_figure(samples: dict[str, np.ndarray], out: Path) -> None:
     plt.close(fig)
 
 
+FINE_RADII = (24, 28, 31)  # spatial-frequency radii of the fine-scale deficit (Nyquist 32 at 64)
+
+
+def _ae_trained_in(paths: Any) -> str:
+    """The precision the home's autoencoder was trained in, from its training run's summary
+    (runs from before ``ae_train_precision`` trained it in their encoding precision)."""
+    from node.generator.checkpoint import checkpoint_path, load_checkpoint
+
+    state, _ = load_checkpoint(checkpoint_path(paths))
+    summary = paths.runs / str(state["run_id"]) / "summary.json"
+    if not summary.exists():
+        return "not recorded"
+    precision = json.loads(summary.read_text()).get("precision", {})
+    return str(precision.get("autoencoder_training", precision.get("autoencoder", "not recorded")))
+
+
+def cmd_autoencoder(args: argparse.Namespace) -> None:
+    from node.config import resolve_home
+    from node.generator.quality import radial_power_spectrum, spectrum_distance
+    from node.generator.sampling import load_generator
+    from node.store import Store
+
+    homes = [resolve_home(h) for h in args.home]
+    with Store(homes[0].store) as store:
+        digest = store.split_digest("holdout")
+        images = store.load(store.records("holdout")[: args.count])
+    lines = ["", f"## generator: autoencoder on holdout slices ({args.label or 'no label'})", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- machine: {platform.machine()}, {machine_line(SHARE)}",
+             f"- command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} .venv/bin/python"
+             f" bench/bench_generator.py autoencoder "
+             + " ".join(f"--home {h}" for h in args.home) + f" --count {args.count}`",
+             f"- slices: the first {len(images)} of the holdout split (never trained on), in the"
+             " normalised [0, 1] space; PSNR per slice with peak 1, then averaged",
+             "",
+             "| home | autoencoder steps | train precision | L1 | PSNR dB | spectrum | "
+             + " | ".join(f"log10 power at r={r}" for r in FINE_RADII) + " |",
+             "| --- | ---: | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in FINE_RADII)
+             + " |"]
+    real_profile = radial_power_spectrum(images)
+    for home, paths in zip(args.home, homes, strict=True):
+        with Store(paths.store) as store:
+            if store.split_digest("holdout") != digest:
+                raise SystemExit(f"{home}: its holdout split differs from {args.home[0]}'s")
+        generator = load_generator(paths)
+        recon = generator.reconstruct(images)
+        mse = ((recon - images) ** 2).mean(axis=(1, 2))
+        psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
+        deficit = radial_power_spectrum(recon) - real_profile
+        cfg = generator.config
+        lines.append(
+            f"| {home} | {cfg.ae_steps:,} | {_ae_trained_in(paths)} |"
+            f" {float(np.abs(recon - images).mean()):.5f} | {psnr:.2f} |"
+            f" {spectrum_distance(images, recon):.4f} | "
+            + " | ".join(f"{deficit[r - 1]:+.2f}" for r in FINE_RADII) + " |")
+    with open(Path(args.results) if args.results else REPO / "bench" / "RESULTS.md", "a",
+              encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -549,6 +620,13 @@ def main() -> None:
     p.add_argument("--precisions", default="auto",
                    help="UNet precisions to time, comma-separated (auto, float32, bfloat16)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("autoencoder")
+    p.add_argument("--home", required=True, action="append", help="repeat for each home")
+    p.add_argument("--count", type=int, default=512)
+    p.add_argument("--label", default="")
+    p.add_argument("--results", default="", help="append here instead of bench/RESULTS.md")
+    p.set_defaults(func=cmd_autoencoder)
+
     p = sub.add_parser("weighting")
     p.add_argument("--home", required=True, help="a built home; arms go beside it")
     p.add_argument("--preset", default="cpu")
