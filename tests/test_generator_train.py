@@ -229,9 +229,10 @@ def test_unet_precision_changes_only_the_diffusion_stage(tmp_path: Path) -> None
         init_home(tmp_path / precision, "site-a")
         paths = fill_store(tmp_path / precision)
         config = small_config(paths, ae_steps=3, diffusion_steps=3,
-                              diffusion_precision=precision)
+                              diffusion_precision=precision, ae_train_precision="float32")
         summary = train_generator(paths, config, progress=False, quality=False)
-        assert summary["precision"] == {"unet": precision, "autoencoder": "float32"}
+        assert summary["precision"] == {"unet": precision, "autoencoder": "float32",
+                                        "autoencoder_training": "float32"}
         assert f"UNet {precision}" in (Path(summary["run_dir"]) / "train.log").read_text()
         state, _ = load_checkpoint(checkpoint_path(paths))
         assert state["config"]["diffusion_precision"] == precision
@@ -242,6 +243,40 @@ def test_unet_precision_changes_only_the_diffusion_stage(tmp_path: Path) -> None
     assert len(diff["float32"]) == 3
     assert diff["float32"] != diff["bfloat16"]
     np.testing.assert_allclose(diff["float32"], diff["bfloat16"], rtol=0.05)
+
+
+def test_autoencoder_training_precision_reaches_its_steps_and_not_the_latents(
+    tmp_path: Path,
+) -> None:
+    """``ae_train_precision: bfloat16`` changes stage 1's losses (slightly) and is recorded, but
+    the train split is still encoded in float32: the checkpoint's scale factor is what a float32
+    encoding of its own EMA autoencoder gives."""
+    import torch
+
+    from node.generator.sampling import load_generator
+    from node.home import init_home
+
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        init_home(tmp_path / precision, "site-a")
+        paths = fill_store(tmp_path / precision)
+        config = small_config(paths, ae_steps=3, diffusion_steps=1,
+                              diffusion_precision="float32", ae_train_precision=precision)
+        summary = train_generator(paths, config, progress=False, quality=False)
+        assert summary["precision"]["autoencoder_training"] == precision
+        log = (Path(summary["run_dir"]) / "train.log").read_text()
+        assert ("autoencoder float32 (trained in bfloat16)" in log) == (precision == "bfloat16")
+        runs[precision] = [r["loss"] for r in loss_lines(paths, summary)
+                           if r["stage"] == "autoencoder"]
+        state, _ = load_checkpoint(checkpoint_path(paths))
+        ae = load_generator(paths).autoencoder  # the EMA weights that sampling decodes with
+        with Store(paths.store) as store:
+            images = store.load(store.records("train"))
+        with torch.no_grad():
+            z_mu, _ = ae.eval().encode(torch.from_numpy(images).unsqueeze(1))
+        assert state["scale_factor"] == pytest.approx(1.0 / float(z_mu.std()), rel=1e-6)
+    assert runs["float32"] != runs["bfloat16"]
+    np.testing.assert_allclose(runs["float32"], runs["bfloat16"], rtol=0.05)
 
 
 def test_unknown_preset_is_refused() -> None:

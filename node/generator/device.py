@@ -4,9 +4,11 @@ CUDA when present, CPU otherwise; the caller states the choice in its log. Preci
 network: the diffusion UNet follows the config's ``diffusion_precision`` (``auto``: bf16
 autocast on CUDA and on CPUs with native bf16 instructions, AVX512-BF16 or AMX; float32
 elsewhere, where bf16 is emulated and slower). On an AMD EPYC with AVX512-BF16 bf16 autocast
-made a cpu-preset UNet step 1.7x faster (bench/RESULTS.md, 2026-12-06). The autoencoder stays
-float32 on CPU — its decoder writes the image, and a bf16 output has 8 bits of mantissa — and
-runs in bf16 autocast on CUDA, as it always has.
+made a cpu-preset UNet step 1.7x faster (bench/RESULTS.md, 2026-12-06). The autoencoder's
+training steps follow ``ae_train_precision`` the same way (1.8x faster in bf16 on that CPU);
+everywhere else on CPU — encoding the train split for stage 2, decoding samples — it stays
+float32, because its decoder writes the image and a bf16 output has 8 bits of mantissa. On
+CUDA it runs in bf16 autocast throughout, as it always has.
 """
 
 from __future__ import annotations
@@ -50,8 +52,13 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
-def resolve_precision(device: torch.device, requested: str) -> Precision:
-    """The concrete precision of ``requested`` ('auto', 'float32', 'bfloat16') on ``device``."""
+def resolve_precision(
+    device: torch.device, requested: str, key: str = "generator.diffusion_precision"
+) -> Precision:
+    """The concrete precision of ``requested`` ('auto', 'float32', 'bfloat16') on ``device``.
+
+    ``key`` names the node.yaml setting in the error for an unknown value.
+    """
     if requested == "float32":
         return "float32"
     if requested == "bfloat16":
@@ -59,7 +66,7 @@ def resolve_precision(device: torch.device, requested: str) -> Precision:
     if requested != "auto":
         raise TrainingError(
             f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}",
-            "generator.diffusion_precision",
+            key,
         )
     if device.type == "cuda" or cpu_has_native_bf16():
         return "bfloat16"
@@ -81,8 +88,18 @@ def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
         yield
 
 
-def describe_device(device: torch.device, unet: Precision, autoencoder: Precision) -> str:
-    """One line for logs and reports: the device and each network's precision."""
+def describe_device(
+    device: torch.device, unet: Precision, autoencoder: Precision,
+    autoencoder_training: Precision | None = None,
+) -> str:
+    """One line for logs and reports: the device and each network's precision.
+
+    ``autoencoder_training`` is the precision of the autoencoder's training steps, stated
+    when it differs from ``autoencoder`` (the precision it encodes and decodes with).
+    """
     where = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
              else f"cpu ({torch.get_num_threads()} threads)")
-    return f"{where}, UNet {unet}, autoencoder {autoencoder}"
+    line = f"{where}, UNet {unet}, autoencoder {autoencoder}"
+    if autoencoder_training is not None and autoencoder_training != autoencoder:
+        line += f" (trained in {autoencoder_training})"
+    return line

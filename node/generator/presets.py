@@ -27,8 +27,10 @@ __all__ = ["PRESETS", "GeneratorConfig", "resolve_config", "config_from_dict", "
 #: checkpoints were trained; a checkpoint without them loads with these.
 #: Older checkpoints sample with ``diffusion_precision: auto`` like new ones (bf16 where the
 #: machine has it natively), although those trained on a CPU were trained in float32.
+#: ``ae_train_precision`` only matters when such a run is resumed inside stage 1: ``auto`` is
+#: what CUDA always did; on a CPU with native bf16 the rest of stage 1 then runs in bf16.
 _LEGACY_DEFAULTS: dict[str, Any] = {"loss_weighting": "uniform", "min_snr_gamma": 5.0,
-                                    "diffusion_precision": "auto"}
+                                    "diffusion_precision": "auto", "ae_train_precision": "auto"}
 
 # tiny: seconds on 2 cores at 32x32..64x64 (tests, demo); cpu: ~1 h on 2 cores at 64x64;
 # gpu: 128x128 and up with bf16 autocast; on an H100 its UNet steps are launch-bound (10.6
@@ -41,7 +43,12 @@ _LEGACY_DEFAULTS: dict[str, Any] = {"loss_weighting": "uniform", "min_snr_gamma"
 # 3,000 + 6,000 steps is about an hour.
 # Those are float32 times. With ``diffusion_precision: auto`` the UNet runs in bf16 autocast on
 # a CPU with native bf16 (AVX512-BF16 or AMX): on the AMD EPYC box a UNet step took 0.28 s
-# instead of 0.47-0.50 s (2026-12-06), so the same steps take about 40 minutes there.
+# instead of 0.47-0.50 s (2026-12-06). ``ae_train_precision: auto`` does the same for the
+# autoencoder's training steps (0.22 s instead of 0.39 s there), and the cpu preset spends
+# that on twice the autoencoder steps: 6,000 bf16 steps reconstruct holdout slices at 32.73 dB
+# against 31.96 dB after 3,000 float32 ones (6,000 float32 steps: 32.70 dB), and the whole
+# run took 58 min on 2,411 MR slices (2026-12-07, bench/RESULTS.md). On a CPU without native
+# bf16 both stages run in float32: about 80 minutes by the float32 step times above (not run).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "ae_channels": [8, 16, 16],
@@ -55,6 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ae_kl_weight": 1e-6,
         "ae_adversarial_weight": 0.0,
         "ae_adversarial_start": 0,
+        "ae_train_precision": "auto",
         "unet_channels": [16, 32],
         "unet_attention_levels": [False, False],
         "unet_num_res_blocks": 1,
@@ -89,12 +97,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ae_num_res_blocks": 1,
         "ae_norm_groups": 16,
         "ae_attention": False,
-        "ae_steps": 3000,
+        "ae_steps": 6000,
         "ae_batch_size": 16,
         "ae_lr": 1e-3,
         "ae_kl_weight": 1e-6,
         "ae_adversarial_weight": 0.0,
         "ae_adversarial_start": 1000,
+        "ae_train_precision": "auto",
         "unet_channels": [32, 64, 128],
         "unet_attention_levels": [False, False, True],
         "unet_num_res_blocks": 1,
@@ -135,6 +144,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ae_kl_weight": 1e-6,
         "ae_adversarial_weight": 0.01,
         "ae_adversarial_start": 5000,
+        "ae_train_precision": "auto",
         "unet_channels": [128, 256, 384],
         "unet_attention_levels": [False, True, True],
         "unet_num_res_blocks": 2,
@@ -195,6 +205,7 @@ class GeneratorConfig:
     loss_weighting: str
     min_snr_gamma: float
     diffusion_precision: str
+    ae_train_precision: str
     train_timesteps: int
     beta_schedule: str
     beta_start: float
@@ -258,8 +269,9 @@ class GeneratorConfig:
             raise bad("guidance_scale", "must be >= 0")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise bad("loss_weighting", f"must be one of {', '.join(LOSS_WEIGHTINGS)}")
-        if self.diffusion_precision not in PRECISIONS:
-            raise bad("diffusion_precision", f"must be one of {', '.join(PRECISIONS)}")
+        for key in ("diffusion_precision", "ae_train_precision"):
+            if getattr(self, key) not in PRECISIONS:
+                raise bad(key, f"must be one of {', '.join(PRECISIONS)}")
         if not self.min_snr_gamma > 0:
             raise bad("min_snr_gamma", "must be positive")
         if not 0 < self.beta_start < self.beta_end < 1:

@@ -53,6 +53,12 @@ class GeneratorSettings:
     ae_adversarial_start: int | None = setting(
         None, "stage 1 step at which the adversarial loss starts" + _P
     )
+    ae_train_precision: PrecisionSetting | None = setting(
+        None,
+        "autoencoder arithmetic in its training steps: bfloat16 autocast, float32, or auto (as\n"
+        "diffusion_precision); on CPU it encodes the train split and decodes samples in float32\n"
+        "whatever this says" + _P,
+    )
 
     # ---- stage 2: DiffusionModelUNet on scaled latents ---------------------------------------
     unet_channels: list[int] | None = setting(None, "diffusion UNet channels per level" + _P)

@@ -178,7 +178,10 @@ class _Run:
         self.data = data
         self.device = device
         self.unet_precision = resolve_precision(device, cfg.diffusion_precision)
-        self.ae_precision = autoencoder_precision(device)
+        self.ae_precision = autoencoder_precision(device)  # encoding the latents
+        self.ae_train_precision = resolve_precision(
+            device, cfg.ae_train_precision, "generator.ae_train_precision"
+        )
         self.digest = digest
         self.step = 0  # global: autoencoder steps then diffusion steps
         self.scale_factor: float | None = None
@@ -302,7 +305,7 @@ class _Run:
             (len(idx), cfg.ae_latent_channels, *self._latent_hw()), generator=g
         ).to(self.device)
         self.ae.train()
-        with autocast(self.device, self.ae_precision):
+        with autocast(self.device, self.ae_train_precision):
             z_mu, z_sigma = self.ae.encode(x)
             z = z_mu + z_sigma * eps
             recon = self.ae.decode(z)
@@ -527,7 +530,8 @@ def train_generator(
         run_id = "train-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     log = _RunLog(paths.runs / run_id, run.step if state is not None else None)
     echo = progress
-    device_line = describe_device(torch_device, run.unet_precision, run.ae_precision)
+    device_line = describe_device(torch_device, run.unet_precision, run.ae_precision,
+                                  run.ae_train_precision)
     log.say(
         f"{'resuming' if state else 'training'} generator: preset {cfg.preset}, device "
         f"{device_line}, {data.n} train slices {data.counts_by_modality} at "
@@ -584,7 +588,8 @@ def train_generator(
         "run_dir": str(log.dir),
         "preset": cfg.preset,
         "device": device_line,
-        "precision": {"unet": run.unet_precision, "autoencoder": run.ae_precision},
+        "precision": {"unet": run.unet_precision, "autoencoder": run.ae_precision,
+                      "autoencoder_training": run.ae_train_precision},
         "step": run.step,
         "total_steps": cfg.total_steps,
         "ae_steps": cfg.ae_steps,
