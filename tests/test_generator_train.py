@@ -137,9 +137,10 @@ def test_checkpoint_config_without_loss_weighting_loads_as_uniform() -> None:
     from node.generator.presets import config_from_dict
 
     old = resolve_config(GeneratorSettings(), "tiny").to_dict()
-    del old["loss_weighting"], old["min_snr_gamma"]
+    del old["loss_weighting"], old["min_snr_gamma"], old["ae_train_precision"]
     cfg = config_from_dict(old)
     assert (cfg.loss_weighting, cfg.min_snr_gamma) == ("uniform", 5.0)
+    assert cfg.ae_train_precision == "auto"
     with pytest.raises(ConfigError, match="unknown"):
         config_from_dict({**old, "loss_weighting": "uniform", "min_snr_gamma": 5.0, "x": 1})
 
