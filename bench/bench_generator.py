@@ -131,11 +131,6 @@ def write_store(home: Path, slices: list[NewSlice]) -> int:
     pseudo = Pseudonymiser.from_file(home / "keys" / "pseudonym.secret")
     added = 0
     with Store(home / "store") as store:
-        if held := store.count():
-            # A pack's instance keys come from another home's secret, so nothing would
-            # deduplicate them: a second build would silently double the store.
-            raise SystemExit(f"{home}: the store already holds {held:,} slices; build makes a"
-                             " new store, so give it a new --home")
         for start in range(0, len(slices), 256):
             added += store.add_batch(slices[start : start + 256])
         split = store.assign_split(0.2, lambda p: pseudo.rank(0, p))
@@ -171,8 +166,17 @@ def read_pack(path: Path) -> list[NewSlice]:
 
 def cmd_build(args: argparse.Namespace) -> None:
     from node.home import init_home
+    from node.store import Store
 
     home = Path(args.home)
+    if (home / "store").exists():
+        with Store(home / "store") as store:
+            held = store.count()
+        if held:
+            # A pack's instance keys come from another home's secret, so nothing would
+            # deduplicate them: a second build would silently double the store.
+            raise SystemExit(f"{home}: the store already holds {held:,} slices; build makes a"
+                             " new store, so give it a new --home")
     if args.from_pack:
         slices = read_pack(Path(args.from_pack))
         size = int(slices[0].pixels.shape[-1])
@@ -252,6 +256,17 @@ def _time_steps(run: object, stage: str, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
+def _record(lines: list[str], results: str) -> None:
+    """Append a section to ``results`` (default bench/RESULTS.md) and print it."""
+    path = Path(results) if results else REPO / "bench" / "RESULTS.md"
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nMachine, date, command and figures of each"
+                        " run, newest last.\n")
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
@@ -317,13 +332,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if base in figures:
             lines.append(f"- {key.replace('[bfloat16]', '')}: bfloat16 / float32 ="
                          f" {figures[key] / figures[base]:.2f}x")
-    results = Path(args.results) if args.results else REPO / "bench" / "RESULTS.md"
-    if not results.exists():
-        results.write_text("# Benchmark results\n\nMachine, date, command and figures of each"
-                           " run, newest last.\n")
-    with open(results, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _record(lines, args.results)
 
 
 AB_KEYS = {
@@ -483,10 +492,7 @@ def cmd_weighting(args: argparse.Namespace) -> None:
         lines.append(f"| {arm} | {r['wall_s']:.0f} | {mse:.4f} | {loss:.4f} | "
                      + " | ".join(cells) + " |")
     lines += ["", f"- samples of both arms, same seeds: `{figure}`"]
-    with open(Path(args.results) if args.results else REPO / "bench" / "RESULTS.md", "a",
-              encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _record(lines, args.results)
     print(json.dumps(results, indent=2, default=str))
 
 
@@ -531,12 +537,10 @@ def _weighting_figure(samples: dict[str, np.ndarray], out: Path) -> None:
 FINE_RADII = (24, 28, 31)  # spatial-frequency radii of the fine-scale deficit (Nyquist 32 at 64)
 
 
-def _ae_trained_in(paths: Any) -> str:
-    """The precision the home's autoencoder was trained in, from its training run's summary
-    (runs from before ``ae_train_precision`` trained it in their encoding precision)."""
-    from node.generator.checkpoint import checkpoint_path, load_checkpoint
-
-    state, _ = load_checkpoint(checkpoint_path(paths))
+def _ae_trained_in(paths: Any, state: dict[str, Any]) -> str:
+    """The precision the autoencoder of checkpoint ``state`` was trained in, from its training
+    run's summary (runs from before ``ae_train_precision`` trained it in their encoding
+    precision)."""
     summary = paths.runs / str(state["run_id"]) / "summary.json"
     if not summary.exists():
         return "not recorded"
@@ -546,8 +550,10 @@ def _ae_trained_in(paths: Any) -> str:
 
 def cmd_autoencoder(args: argparse.Namespace) -> None:
     from node.config import resolve_home
+    from node.generator.checkpoint import checkpoint_path, load_checkpoint
+    from node.generator.device import choose_device
     from node.generator.quality import radial_power_spectrum, spectrum_distance
-    from node.generator.sampling import load_generator
+    from node.generator.sampling import Generator
     from node.store import Store
 
     homes = [resolve_home(h) for h in args.home]
@@ -572,21 +578,19 @@ def cmd_autoencoder(args: argparse.Namespace) -> None:
         with Store(paths.store) as store:
             if store.split_digest("holdout") != digest:
                 raise SystemExit(f"{home}: its holdout split differs from {args.home[0]}'s")
-        generator = load_generator(paths)
+        state, checkpoint_digest = load_checkpoint(checkpoint_path(paths))
+        generator = Generator(state, checkpoint_digest, choose_device(None))
         recon = generator.reconstruct(images)
         mse = ((recon - images) ** 2).mean(axis=(1, 2))
         psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
         deficit = radial_power_spectrum(recon) - real_profile
         cfg = generator.config
         lines.append(
-            f"| {home} | {cfg.ae_steps:,} | {_ae_trained_in(paths)} |"
+            f"| {home} | {cfg.ae_steps:,} | {_ae_trained_in(paths, state)} |"
             f" {float(np.abs(recon - images).mean()):.5f} | {psnr:.2f} |"
             f" {spectrum_distance(images, recon):.4f} | "
             + " | ".join(f"{deficit[r - 1]:+.2f}" for r in FINE_RADII) + " |")
-    with open(Path(args.results) if args.results else REPO / "bench" / "RESULTS.md", "a",
-              encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _record(lines, args.results)
 
 
 def main() -> None:
