@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check node coordinator privacy protocols tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy privacy protocols node coordinator
+	$(BIN)/mypy privacy protocols node coordinator bench
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest

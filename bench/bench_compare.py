@@ -36,6 +36,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -390,7 +391,7 @@ def _restaged(home: Path, edits: dict[str, object]) -> bool:
     return all(config.get(k) == v for k, v in edits.items())
 
 
-def _uniform_classes(site):  # type: ignore[no-untyped-def]
+def _uniform_classes(site: Any) -> dict[str, Any]:
     """``generate_and_screen`` options that sample the site's label-conditioned generator
     with every class equally likely, instead of in its train split's class mix."""
     from node.generator.sampling import load_generator

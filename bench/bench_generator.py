@@ -485,7 +485,7 @@ def cmd_weighting(args: argparse.Namespace) -> None:
     for arm, r in results.items():
         final, by_group = r["final"], r["quality"]
         assert isinstance(final, dict) and isinstance(by_group, dict)
-        quality = next(iter(by_group.values()), {})
+        quality: dict[str, float] = next(iter(by_group.values()), {})
         cells = [f"{float(quality[k]):.4g}" if k in quality else "-" for k in keys]
         mse = final.get("diffusion_mse", float("nan"))
         loss = np.mean([x["loss"] for x in _losses(Path(str(r["run_dir"])))[-50:]])

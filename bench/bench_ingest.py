@@ -16,13 +16,14 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from machine import CpuShare, machine_line  # noqa: E402
 
-FOLDERS = (
+FOLDERS: tuple[tuple[str, dict[str, Any]], ...] = (
     # (folder, ingest options)
     ("ct/covid-ny-sbu", {}),
     ("ct/tcga-luad", {}),
@@ -52,7 +53,7 @@ def main() -> int:
 
     normalise_slice(np.zeros((8, 8), np.float32), (0.0, 1.0), 64, None)  # warm up MONAI
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for folder, options in FOLDERS:
             root = args.data / folder

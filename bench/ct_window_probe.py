@@ -21,6 +21,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,11 +69,14 @@ def main() -> None:
     source = rng.integers(0, len(images), size=NOISE_CANARIES)
     noisy_hu = np.stack([alter("noise", images[i].astype(np.float32), rng) for i in source]
                         ).astype(np.float64) * (hi0 - lo0) + lo0
-    maps: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [
-        (name, lambda h, lo=lo, hi=hi: np.clip((h - lo) / (hi - lo), 0.0, 1.0))
-        for name, lo, hi in WINDOWS
-    ] + [(name, lambda h, k=knots, v=values: np.interp(h, k, v))
-         for name, knots, values in PIECEWISE]
+    def window(lo: float, hi: float) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda h: np.clip((h - lo) / (hi - lo), 0.0, 1.0)
+
+    def piecewise(knots: Any, values: Any) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda h: np.asarray(np.interp(h, knots, values))
+
+    maps = ([(name, window(lo, hi)) for name, lo, hi in WINDOWS]
+            + [(name, piecewise(k, v)) for name, k, v in PIECEWISE])
     print("| map | largest patient, nearest other patient | others q01 / q05 | others median |"
           " largest patient's slices below others' q01 | noise canaries caught by pixel RMSE"
           " at others' q01 |")
