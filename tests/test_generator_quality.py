@@ -143,6 +143,35 @@ def test_quality_report_writes_json_and_png_from_the_train_split(tmp_path: Path)
         entry["synthetic_vs_real"]["precision"], 4
     )
     assert (tmp_path / "q" / "quality-CT.png").read_bytes()[:4] == b"\x89PNG"
+    assert saved["guard_encoder"] is None  # no guard calibrated yet: no second feature space
+
+    # Once the guard has its encoder, precision / recall also come in that fixed space.
+    from node.guard.calibration import kept_encoder, prepare_guard
+
+    guard_config = dataclasses.replace(
+        config, guard=dataclasses.replace(config.guard, encoder_steps=5, neighbour_pairs=0)
+    )
+    prepare_guard(paths, guard_config)
+    second = quality_report(paths, generator, count=12, seed=0, out_dir=tmp_path / "q2")
+    figures = second["by_modality"]["CT"]["synthetic_vs_real"]
+    meta = json.loads((paths.guard / "encoder.json").read_text())
+    assert second["guard_encoder"]["weights_sha256"] == meta["weights_sha256"]
+    embed = kept_encoder(paths)
+    assert embed is not None
+    with Store(paths.store) as store:
+        real_norm, _ = store.images("train", "CT")
+    synth = generator.sample(12, seed=0, scheduler="dpm", modality="CT")
+    pick = np.random.default_rng(0).permutation(len(real_norm))[:12]
+    expected = precision_recall(embed[0](real_norm[pick]), embed[0](synth))
+    assert (figures["guard_precision"], figures["guard_recall"]) == expected
+    assert "guard_precision" in second["by_modality"]["CT"]["real_vs_real"]
+    # every other figure is unchanged by the extra feature space
+    assert {k: v for k, v in figures.items() if not k.startswith("guard_")} == \
+        entry["synthetic_vs_real"]
+    # weights that do not match their recorded sha256 are not used
+    weights = paths.guard / "encoder.npz"
+    weights.write_bytes(weights.read_bytes() + b"x")
+    assert kept_encoder(paths) is None
 
 
 def test_quality_command_reports_json(tmp_path: Path) -> None:

@@ -10,6 +10,11 @@ disjoint halves of the train split: what "as good as real" looks like at that sa
     spectra (texture and sharpness; blur shows as missing high frequencies);
 (c) improved precision and recall (Kynkäänniemi et al., NeurIPS 2019, k-NN manifolds, k=3)
     in a feature space trained at the site: the autoencoder encoder's latent means, pooled.
+    When the home's guard has trained its contrastive encoder (the first generate or screen
+    does), the same two figures also in that encoder's space (``guard_precision``,
+    ``guard_recall``): it does not change with the generator, so two generators of one home
+    compare directly there (same ``guard_encoder.weights_sha256``), which the autoencoder's
+    own space does not allow.
 
 Only the train split is read (the holdout split stays unseen by everything generator-side).
 """
@@ -149,6 +154,16 @@ def quality_report(
     per_group: dict[str, Any] = {}
     pngs: list[str] = []
     by_modality = generator.conditioning == "modality" or len(generator.modalities) == 1
+    from node.guard.calibration import kept_encoder  # lazy: node.guard imports the generator
+
+    guard_encoder = kept_encoder(paths)
+
+    def add_guard_space(figures: dict[str, float], real: np.ndarray, other: np.ndarray) -> None:
+        if guard_encoder is not None:
+            embed = guard_encoder[0]
+            p, r = precision_recall(embed(real), embed(other))
+            figures["guard_precision"], figures["guard_recall"] = p, r
+
     groups: list[str | None] = list(generator.modalities) if by_modality else [None]
     with Store(paths.store) as store:
         for modality in groups:
@@ -177,6 +192,7 @@ def quality_report(
                 "synthetic_vs_real": compare_sets(real_a, real_phys, real_feat,
                                                   synth, synth_phys, synth_feat, seed),
             }
+            add_guard_space(entry["synthetic_vs_real"], real_a, synth)
             half = min(count, len(records) // 2)
             if half > K_NEIGHBOURS + 1:
                 i1, i2 = order[:half], order[half : 2 * half]
@@ -190,6 +206,7 @@ def quality_report(
                 entry["real_vs_real"] = compare_sets(
                     r1, p1, generator.features(r1), r2, p2, generator.features(r2), seed
                 )
+                add_guard_space(entry["real_vs_real"], r1, r2)
                 entry["real_vs_real_n"] = half
             low, high = np.percentile(real_phys, [0.5, 99.5])
             name = f"quality-{modality or 'all'}.png"
@@ -211,6 +228,11 @@ def quality_report(
         "seed": seed,
         "k": K_NEIGHBOURS,
         "feature_space": "EMA AutoencoderKL encoder latent means, average-pooled to 4x4",
+        "guard_encoder": None if guard_encoder is None else {
+            "feature_space": "the guard's contrastive encoder (unit embeddings)",
+            "weights_sha256": guard_encoder[1].get("weights_sha256"),
+            "inputs_digest": guard_encoder[1].get("inputs_digest"),
+        },
         "by_modality": per_group,
         "pngs": pngs,
         "wall_s": round(time.monotonic() - started, 2),

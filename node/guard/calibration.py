@@ -56,6 +56,7 @@ __all__ = [
     "cached_tile_index",
     "CALIBRATION_VERSION",
     "inputs_digest",
+    "kept_encoder",
 ]
 
 CALIBRATION_VERSION = 1
@@ -218,6 +219,29 @@ def _encoder(
     }
     atomic_write_json(meta_path, meta)
     return make_embedder(state, enc_cfg), meta
+
+
+def kept_encoder(
+    paths: NodePaths,
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]] | None:
+    """The guard's contrastive encoder as the last calibration kept it, or None.
+
+    Read only (nothing is trained here): the generator's quality report uses it as a feature
+    space that does not change with the generator, so precision and recall of two generators
+    of one home compare directly when ``weights_sha256`` is the same. Weights whose sha256
+    does not match ``encoder.json`` are not used.
+    """
+    weights_path = paths.guard / "encoder.npz"
+    meta_path = paths.guard / "encoder.json"
+    if not (weights_path.exists() and meta_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    blob = weights_path.read_bytes()
+    if sha256_hex(blob) != meta.get("weights_sha256"):
+        return None
+    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+        state = {k: data[k] for k in data.files}
+    return make_embedder(state, EncoderConfig.from_dict(meta["config"])), meta
 
 
 def _kept_blob(path: Path) -> bytes | None:
