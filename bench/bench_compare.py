@@ -87,6 +87,22 @@ def _merged_patient(pid: str) -> str:
     return re.sub(r"[A-Za-z]+$", "", pid.strip())
 
 
+# Every MR comparison since 2026-11-23 conditions the site generators on the tumour class
+# (halved the SSIM gap to pooled real data then); build writes it into each new home.
+MR_GENERATOR: dict[str, Any] = {"conditioning": "label", "guidance_scale": 1.0}
+
+
+def _set_generator(paths: Any, values: dict[str, Any]) -> None:
+    from dataclasses import replace
+
+    from node.config import load_node_config
+    from protocols.files import atomic_write_text
+
+    config = load_node_config(paths)
+    config = replace(config, generator=replace(config.generator, **values))
+    atomic_write_text(paths.config, config.to_yaml())
+
+
 def build_mr(config) -> list[str]:  # type: ignore[no-untyped-def]
     from node.config import load_node_config
     from node.ingest.pipeline import ingest_sources
@@ -102,7 +118,9 @@ def build_mr(config) -> list[str]:  # type: ignore[no-untyped-def]
         by_site[site].append(row)
     lines = []
     for i, site_cfg in enumerate(config.sites):
-        paths, _ = _home(REPO / site_cfg.home, site_cfg.name)
+        paths, created = _home(REPO / site_cfg.home, site_cfg.name)
+        if created:
+            _set_generator(paths, MR_GENERATOR)
         if _store_count(paths) > 0:
             continue
         table = REPO / site_cfg.home / "sources.csv"  # inside the home: no raw ids, file names
