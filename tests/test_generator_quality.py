@@ -172,6 +172,8 @@ def test_quality_report_writes_json_and_png_from_the_train_split(tmp_path: Path)
     weights = paths.guard / "encoder.npz"
     weights.write_bytes(weights.read_bytes() + b"x")
     assert kept_encoder(paths) is None
+    (paths.guard / "encoder.json").write_text("{not json")
+    assert kept_encoder(paths) is None
 
 
 def test_quality_command_reports_json(tmp_path: Path) -> None:

@@ -159,7 +159,8 @@ def quality_report(
     guard_encoder = kept_encoder(paths)
 
     def add_guard_space(figures: dict[str, float], real: np.ndarray, other: np.ndarray) -> None:
-        if guard_encoder is not None:
+        size = (guard_encoder[1].get("config") or {}).get("image_size") if guard_encoder else None
+        if guard_encoder is not None and size == real.shape[-1]:  # else: another grid's encoder
             embed = guard_encoder[0]
             p, r = precision_recall(embed(real), embed(other))
             figures["guard_precision"], figures["guard_recall"] = p, r

@@ -235,9 +235,12 @@ def kept_encoder(
     meta_path = paths.guard / "encoder.json"
     if not (weights_path.exists() and meta_path.exists()):
         return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
     blob = weights_path.read_bytes()
-    if sha256_hex(blob) != meta.get("weights_sha256"):
+    if not isinstance(meta, dict) or sha256_hex(blob) != meta.get("weights_sha256"):
         return None
     with np.load(io.BytesIO(blob), allow_pickle=False) as data:
         state = {k: data[k] for k in data.files}
