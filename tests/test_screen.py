@@ -166,6 +166,18 @@ def test_calibration_is_saved_and_reused(guard_home: NodePaths) -> None:
     assert path.stat().st_mtime_ns == stamp
 
 
+def test_encoder_weights_that_do_not_match_their_sha256_are_retrained(
+    guard_home: NodePaths,
+) -> None:
+    config = load_node_config(guard_home)
+    weights = guard_home.guard / "encoder.npz"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    prepare_guard(guard_home, config)
+    meta = json.loads((guard_home.guard / "encoder.json").read_text())
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == meta["weights_sha256"]
+
+
 def test_threshold_below_the_site_floor_refuses_to_screen(
     guard_home: NodePaths, tmp_path: Path
 ) -> None:

@@ -159,11 +159,14 @@ def quality_report(
     guard_encoder = kept_encoder(paths)
 
     def add_guard_space(figures: dict[str, float], real: np.ndarray, other: np.ndarray) -> None:
-        size = (guard_encoder[1].get("config") or {}).get("image_size") if guard_encoder else None
-        if guard_encoder is not None and size == real.shape[-1]:  # else: another grid's encoder
-            embed = guard_encoder[0]
-            p, r = precision_recall(embed(real), embed(other))
-            figures["guard_precision"], figures["guard_recall"] = p, r
+        if guard_encoder is None:
+            return
+        embed, meta = guard_encoder
+        if meta["config"].get("image_size") != real.shape[-1]:
+            return  # an encoder of another grid
+        figures["guard_precision"], figures["guard_recall"] = precision_recall(
+            embed(real), embed(other)
+        )
 
     groups: list[str | None] = list(generator.modalities) if by_modality else [None]
     with Store(paths.store) as store:

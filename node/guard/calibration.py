@@ -196,13 +196,9 @@ def _encoder(
     digest = _encoder_digest(reference, settings)
     weights_path = paths.guard / "encoder.npz"
     meta_path = paths.guard / "encoder.json"
-    if weights_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("inputs_digest") == digest:
-            enc_cfg = EncoderConfig.from_dict(meta["config"])
-            with np.load(weights_path, allow_pickle=False) as data:
-                state = {k: data[k] for k in data.files}
-            return make_embedder(state, enc_cfg), meta
+    kept = kept_encoder(paths)
+    if kept is not None and kept[1].get("inputs_digest") == digest:
+        return kept
     enc_cfg = encoder_config(settings, int(reference.images.shape[1]))
     train_rows = reference.rows(split="train")
     if train_rows.size < 2:
@@ -229,7 +225,7 @@ def kept_encoder(
     Read only (nothing is trained here): the generator's quality report uses it as a feature
     space that does not change with the generator, so precision and recall of two generators
     of one home compare directly when ``weights_sha256`` is the same. Weights whose sha256
-    does not match ``encoder.json`` are not used.
+    does not match ``encoder.json`` are not used (the guard then trains a new one).
     """
     weights_path = paths.guard / "encoder.npz"
     meta_path = paths.guard / "encoder.json"
@@ -240,7 +236,8 @@ def kept_encoder(
     except ValueError:
         return None
     blob = weights_path.read_bytes()
-    if not isinstance(meta, dict) or sha256_hex(blob) != meta.get("weights_sha256"):
+    if not isinstance(meta, dict) or "config" not in meta \
+            or sha256_hex(blob) != meta.get("weights_sha256"):
         return None
     with np.load(io.BytesIO(blob), allow_pickle=False) as data:
         state = {k: data[k] for k in data.files}
