@@ -278,6 +278,15 @@ def _bad_candidates(case: str, d: Path) -> Path:
     if case == "npz-no-images":
         np.savez(d / "c.npz", pictures=np.zeros((2, 8, 8)))
         return d / "c.npz"
+    if case == "npz-object-member":  # pickled data inside a valid archive: never unpickled
+        ragged = np.empty(2, dtype=object)
+        ragged[0], ragged[1] = np.zeros((4, 4)), np.zeros((3, 3))
+        np.savez(d / "c.npz", images=ragged)
+        return d / "c.npz"
+    if case == "npz-truncated":
+        np.savez(d / "c.npz", images=np.zeros((2, 8, 8)))
+        (d / "c.npz").write_bytes((d / "c.npz").read_bytes()[:100])
+        return d / "c.npz"
     arrays = {"npy-4d": np.zeros((2, 2, 8, 8)), "npy-empty": np.zeros((0, 8, 8)),
               "npy-text": np.array([[["a"]]]), "npy-nan": np.full((1, 8, 8), np.nan)}
     if case in arrays:
@@ -298,7 +307,9 @@ def _bad_candidates(case: str, d: Path) -> Path:
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("npz-unreadable", "cannot read candidates"),
+        ("npz-unreadable", "cannot read candidates: not a NumPy .npz or .npy file"),
+        ("npz-object-member", "cannot read candidates: Object arrays cannot be loaded"),
+        ("npz-truncated", "cannot read candidates"),
         ("npz-no-images", "the .npz has no array named 'images'"),
         ("npy-4d", "expected numeric images [N, H, W], found (2, 2, 8, 8)"),
         ("npy-empty", "expected numeric images [N, H, W], found (0, 8, 8)"),

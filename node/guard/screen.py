@@ -15,6 +15,7 @@ thresholds, privacy report), ``distances.png`` and ``report.html``; a ``screen``
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from protocols.files import atomic_write_bytes
 __all__ = ["load_candidates", "screen_candidates"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+_NPZ_MAGIC = b"PK"  # a zip archive
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def _normalise(
@@ -70,16 +73,24 @@ def load_candidates(
     ct_hu = modality == "CT"
     if source.is_file() and source.suffix.lower() in (".npz", ".npy"):
         try:
+            with source.open("rb") as fh:
+                head = fh.read(6)
+            if not head.startswith((_NPZ_MAGIC, _NPY_MAGIC)):
+                raise GuardError("cannot read candidates: not a NumPy .npz or .npy file (it "
+                                 "does not start with either format's signature)", str(source), 2)
             loaded = np.load(source, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    if "images" not in loaded.files:
+                        raise GuardError("the .npz has no array named 'images'", str(source), 2)
+                    # members are read lazily: a pickled (object) member fails here
+                    arr = np.asarray(loaded["images"])
+            else:
+                arr = np.asarray(loaded)
+        except GuardError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise GuardError(f"cannot read candidates: {exc}", str(source), 2) from None
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                if "images" not in loaded.files:
-                    raise GuardError("the .npz has no array named 'images'", str(source), 2)
-                arr = np.asarray(loaded["images"])
-        else:
-            arr = np.asarray(loaded)
         if arr.ndim == 2:
             arr = arr[None]
         if arr.ndim != 3 or arr.shape[0] == 0 or not np.issubdtype(arr.dtype, np.number):
