@@ -21,6 +21,28 @@ def test_init_then_audit_json(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["records"] == 3
 
 
+def test_every_command_summary_is_one_line_in_the_command_lists() -> None:
+    """Rich help keeps a docstring's line breaks: a wrapped first paragraph splits the list."""
+    import inspect
+
+    import click
+    import typer
+
+    from coordinator.cli import app as coordinator_app
+
+    wrapped = []
+    for root in (app, coordinator_app):
+        stack: list[tuple[str, click.Command]] = [("", typer.main.get_command(root))]
+        while stack:
+            path, command = stack.pop()
+            if isinstance(command, click.Group):
+                stack.extend((f"{path} {n}", c) for n, c in command.commands.items())
+            first = inspect.cleandoc(command.help or "").split("\n\n")[0]
+            if "\n" in first or not first:
+                wrapped.append(path or "(root)")
+    assert wrapped == []
+
+
 def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "node.cli", "audit", "--home", str(tmp_path / "none")],

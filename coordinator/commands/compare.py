@@ -20,8 +20,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         json_out: JsonOption = False,
     ) -> None:
-        """Train every arm with the same network, steps and seeds; evaluate each at every
-        site's holdout; write report.md, report.html, PNGs and results.json.
+        """Train every arm alike, evaluate each on every site's holdout; write the report.
+
+        Every arm has the same network, steps and seeds; the report is report.md, report.html,
+        PNGs and results.json.
 
         Arm S uses real guarded synthetic data only: generate_and_screen at each site, or a
         coordinator pool (synthetic.source in the config)."""

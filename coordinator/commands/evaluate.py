@@ -27,9 +27,11 @@ def register(app: typer.Typer) -> None:
         home: CoordinatorHomeOption = None,
         json_out: JsonOption = False,
     ) -> None:
-        """Send MODEL to every site (a Flower evaluate message); each site degrades its own
-        real holdout, restores it and returns per-image PSNR / SSIM / RMSE only. Aggregated per
-        site and overall, written to rounds/ROUND/evaluations/<model digest>.json."""
+        """Score MODEL on every site's real holdout; per site and overall PSNR / SSIM / RMSE.
+
+        MODEL goes to every site (a Flower evaluate message); each site degrades its own real
+        holdout, restores it and returns per-image PSNR / SSIM / RMSE only. Aggregated per site
+        and overall, written to rounds/ROUND/evaluations/<model digest>.json."""
         from coordinator.config import resolve_coordinator_home
         from coordinator.restore.evaluate import aggregate_sites
         from coordinator.restore.site_eval import (

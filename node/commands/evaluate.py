@@ -19,8 +19,10 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option("--seed", help="degradation seed")] = 0,
         json_out: JsonOption = False,
     ) -> None:
-        """Degrade this site's real holdout slices, restore them with MODEL, print per-image
-        PSNR / SSIM / RMSE (numbers only; no image leaves the site)."""
+        """Restore this site's degraded real holdout with MODEL; print PSNR / SSIM / RMSE.
+
+        The site's real holdout slices are degraded, restored with MODEL and scored per image:
+        numbers only; no image leaves the site."""
         from node.config import load_node_config, resolve_home
         from node.evaluate import evaluate_model
         from protocols.errors import UsageError

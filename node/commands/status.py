@@ -11,8 +11,9 @@ from protocols.cli_support import emit, fail
 def register(app: typer.Typer) -> None:
     @app.command("status")
     def status_command(home: HomeOption = None, json_out: JsonOption = False) -> None:
-        """Store, generator, guard calibration, outbox and audit log of this home; exit 2
-        when the audit log fails verification."""
+        """Store, generator, guard calibration, outbox and audit log of this home.
+
+        Exit 2 when the audit log fails verification."""
         from node.config import load_node_config, resolve_home
         from node.status import format_status, node_status
 
