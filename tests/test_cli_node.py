@@ -1,11 +1,15 @@
+import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import click
+import typer
 from freshkit import imported_after
 from typer.testing import CliRunner
 
+from coordinator.cli import app as coordinator_app
 from node.cli import app
 
 runner = CliRunner()
@@ -23,13 +27,6 @@ def test_init_then_audit_json(tmp_path: Path) -> None:
 
 def test_every_command_summary_is_one_line_in_the_command_lists() -> None:
     """Rich help keeps a docstring's line breaks: a wrapped first paragraph splits the list."""
-    import inspect
-
-    import click
-    import typer
-
-    from coordinator.cli import app as coordinator_app
-
     wrapped = []
     for root in (app, coordinator_app):
         stack: list[tuple[str, click.Command]] = [("", typer.main.get_command(root))]
