@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from machine import CpuShare, _busy_s, machine_line  # noqa: E402
+from machine import machine_line  # noqa: E402
+
+from protocols.cpu import CpuShare, _busy_s  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs /proc/stat")
 

@@ -8,6 +8,7 @@ import typer
 
 from coordinator.commands.options import CoordinatorHomeOption, JsonOption
 from protocols.cli_support import emit
+from protocols.cpu import warn_if_cores_busy
 
 
 def register(app: typer.Typer) -> None:
@@ -64,6 +65,7 @@ def register(app: typer.Typer) -> None:
         if not pool_dir.is_dir():
             raise UsageError("no such pool: run synthfed-coordinator pool ROUND", str(pool_dir))
         out_dir = paths.root / "models" / f"{pool}-{task}-{name}"
+        warn_if_cores_busy(device)
         summary = train_from_pool(
             pool_dir, task, name, out_dir, preset=preset, resume=resume, overwrite=overwrite,
             steps=steps, seed=seed, device=device, progress=not json_out,

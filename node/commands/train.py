@@ -8,6 +8,7 @@ import typer
 
 from node.commands.options import HomeOption, JsonOption
 from protocols.cli_support import emit
+from protocols.cpu import warn_if_cores_busy
 
 
 def register(app: typer.Typer) -> None:
@@ -42,6 +43,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--resume and --overwrite exclude each other")
         paths = resolve_home(home)
         config = load_node_config(paths)
+        warn_if_cores_busy(device)
         summary = train_generator(
             paths, config, preset=preset, resume=resume, max_steps=max_steps,
             progress=not json_out, overwrite=overwrite, device=device,
