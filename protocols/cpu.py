@@ -80,11 +80,12 @@ def busy_cores_warning(others: float, cores: int, threads: int) -> str | None:
 def warn_if_cores_busy(device: str | None = None, *, interval_s: float = 0.3) -> str | None:
     """Before a long CPU run: measure the other processes' load for ``interval_s`` and print
     :func:`busy_cores_warning` on stderr if it applies (returned too). Silent on a CUDA
-    device and where /proc/stat cannot be read."""
+    device, under a multi-process launch (torchrun: the other ranks are this run's own) and
+    where /proc/stat cannot be read."""
     import torch
 
     on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
-    if on_cuda:
+    if on_cuda or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return None
     share = CpuShare()
     time.sleep(interval_s)

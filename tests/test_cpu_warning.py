@@ -41,20 +41,29 @@ def test_threads_that_find_free_cores_are_not_warned_about(
 
 @pytest.mark.skipif(not Path("/proc/stat").exists() or (os.cpu_count() or 1) < 2,
                     reason="needs /proc/stat and two cores")
+@pytest.mark.parametrize("world_size", ["", "1", "2"])
 def test_a_process_spinning_a_core_is_measured_and_warned_about(
-    capsys: pytest.CaptureFixture[str],
+    world_size: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Warned about alone; not under torchrun with several ranks (they are the run itself)."""
+    if world_size:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)  # as many threads as cores, the default
-    child = subprocess.Popen([sys.executable, "-c", SPIN.format(s=3.0)])
+    child = subprocess.Popen([sys.executable, "-c", SPIN.format(s=2.5)])
     try:
         time.sleep(0.5)  # the child is up and spinning
         message = warn_if_cores_busy("cpu", interval_s=1.0)
     finally:
         child.wait()
         torch.set_num_threads(before)
-    assert message is not None and "OMP_NUM_THREADS=" in message
-    assert message in capsys.readouterr().err
+    if world_size == "2":
+        assert message is None and capsys.readouterr().err == ""
+    else:
+        assert message is not None and "OMP_NUM_THREADS=" in message
+        assert message in capsys.readouterr().err
 
 
 def test_a_cuda_run_is_never_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
