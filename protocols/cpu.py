@@ -69,8 +69,8 @@ def busy_cores_warning(others: float, cores: int, threads: int) -> str | None:
     free = cores - others
     if threads <= 1 or free >= threads - 0.5:
         return None
-    advice = (f"Set OMP_NUM_THREADS={round(free)} (the free cores) or run it when the machine"
-              " is free" if free >= 1 else
+    advice = (f"Set OMP_NUM_THREADS={max(1, round(free))} (the free cores) or run it when the"
+              " machine is free" if free >= 0.5 else
               "No core is free: run it when the machine is free, or set OMP_NUM_THREADS=1")
     return (f"warning: other processes keep {others:.1f} of this machine's {cores} cores busy,"
             f" and this run uses {threads} CPU threads; threads that share a busy core can make"

@@ -18,7 +18,8 @@ SPIN = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:
 
 @pytest.mark.parametrize(
     ("others", "cores", "threads", "fit"),
-    [(1.0, 2, 2, 1), (1.9, 2, 2, 1), (3.0, 4, 4, 1), (2.6, 4, 4, 1), (6.0, 16, 16, 10)],
+    [(1.0, 2, 2, 1), (1.02, 2, 2, 1), (1.9, 2, 2, 1), (3.0, 4, 4, 1), (2.6, 4, 4, 1),
+     (6.0, 16, 16, 10)],
 )
 def test_threads_without_free_cores_are_warned_about(
     others: float, cores: int, threads: int, fit: int
@@ -27,6 +28,7 @@ def test_threads_without_free_cores_are_warned_about(
     assert message is not None
     assert f"OMP_NUM_THREADS={fit}" in message
     assert f"{others:.1f} of this machine's {cores} cores" in message
+    assert ("No core is free" in message) == (cores - others < 0.5)
 
 
 @pytest.mark.parametrize(
