@@ -281,3 +281,28 @@ def test_patients_csv_with_a_missing_label_column_or_bad_bytes_is_refused(tmp_pa
     table.write_text("file,patient_id,label\na.png,,x\n,p2,y\nb.png,p3,\n")
     rule = parse_patient_rule(f"csv:{table}")
     assert rule.table == {(tmp_path / "b.png").resolve(): ("p3", None)}
+
+
+def test_csv_that_names_none_of_the_images_says_where_paths_are_read(
+    node_home: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "set"
+    for n in (1, 2):
+        _png(folder / "glioma" / f"{n}.png", (_blob() + n).astype(np.uint8))
+    elsewhere = tmp_path / "lists"
+    elsewhere.mkdir()
+    # Written for a CSV kept beside the images, but kept in another folder.
+    (elsewhere / "patients.csv").write_text("file,patient_id\nglioma/1.png,100\nglioma/2.png,100\n")
+    with pytest.raises(IngestError, match="names none of the 2 image file") as caught:
+        _ingest(node_home, [folder], modality="MR",
+                patient_rule=f"csv:{elsewhere / 'patients.csv'}")
+    message = str(caught.value)
+    assert str(elsewhere.resolve()) in message and "absolute paths" in message
+    assert str((elsewhere / "glioma" / "1.png").resolve()) in message  # what the CSV named
+    with Store(node_home / "store") as store:
+        assert store.count() == 0
+    # The same CSV beside the images works.
+    (folder / "patients.csv").write_text((elsewhere / "patients.csv").read_text())
+    summary = _ingest(node_home, [folder], modality="MR",
+                      patient_rule=f"csv:{folder / 'patients.csv'}")
+    assert summary.slices == 2

@@ -57,6 +57,7 @@ _DOCUMENT_SUFFIXES = frozenset(
     " .zip .tar .gz .bz2 .xz .7z .mat .doc .docx .xls .xlsx .sh .bat .exe .dll .so".split()
 )
 
+NOT_IN_CSV = "not in patients CSV"
 # Skip reasons that mean "could not be read at all" (as opposed to "read, not wanted").
 ERROR_REASONS = ("unreadable", "corrupt or truncated", "not DICOM or a known image format",
                  "not an image file", "decode failed", "file too large")
@@ -286,6 +287,7 @@ class _Run:
     duplicates: int = 0
     unoriented: int = 0
     named_errors: list[tuple[str, str]] = field(default_factory=list)
+    unlisted: Path | None = None  # the first image file the patients CSV does not name
 
     def skip(self, reason: str, count: int = 1) -> None:
         self.skipped[reason] += count
@@ -349,7 +351,7 @@ def _rule_patient(job: _Job, rule: PatientRule) -> tuple[str, str | None]:
         assert rule.table is not None
         entry = rule.table.get(_real(job.path))
         if entry is None:
-            raise Skipped("not in patients CSV")
+            raise Skipped(NOT_IN_CSV)
         return entry
     relative = job.path.relative_to(job.root).as_posix() if not job.named else job.path.name
     if rule.kind == "pattern":
@@ -623,6 +625,8 @@ def ingest_sources(
                     run.skip(skip.reason)
                     if job.named and skip.reason.startswith(ERROR_REASONS):
                         run.named_errors.append((skip.reason, str(job.path)))
+                    if skip.reason == NOT_IN_CSV and run.unlisted is None:
+                        run.unlisted = job.path
                 bar.advance(task)
         run.flush()
         _finish(run, summary, sources)
@@ -634,6 +638,11 @@ def ingest_sources(
                               else f"{len(sources)} sources"))
             raise IngestError(f"no image could be read: {sum(run.skipped.values())} file(s)"
                               f" skipped, e.g. as {reason!r}", where)
+        read_but_unwanted = [r for r in run.skipped
+                             if r != NOT_IN_CSV and not r.startswith(ERROR_REASONS)]
+        if summary.slices == 0 and run.unlisted is not None and not read_but_unwanted:
+            raise IngestError(_csv_mismatch(rule, run.skipped[NOT_IN_CSV], run.unlisted),
+                              str(rule.csv_path))
         if store.count() > 0:
             split = store.assign_split(
                 config.store.holdout_fraction,
@@ -650,6 +659,18 @@ def ingest_sources(
     summary.seconds = time.perf_counter() - started
     append_audit(paths.audit, "ingest", _audit_details(summary, sources))
     return summary
+
+
+def _csv_mismatch(rule: PatientRule, unlisted: int, example: Path) -> str:
+    """Why nothing was stored when the patients CSV names none of the images found: almost
+    always relative paths read against another folder than the user meant."""
+    assert rule.table is not None and rule.csv_path is not None
+    named = next(iter(rule.table), None)
+    said = f"; its first row names {named}" if named is not None else "; it names no file"
+    return (f"the patients CSV names none of the {unlisted} image file(s) found (e.g."
+            f" {_real(example)}){said}. Relative paths in its 'file' column are read from"
+            f" the CSV's own folder ({rule.csv_path.parent}); move the CSV beside the images"
+            " or give absolute paths")
 
 
 def _finish(run: _Run, summary: IngestSummary, sources: list[Path]) -> None:
