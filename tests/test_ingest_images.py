@@ -306,3 +306,16 @@ def test_csv_that_names_none_of_the_images_says_where_paths_are_read(
     summary = _ingest(node_home, [folder], modality="MR",
                       patient_rule=f"csv:{folder / 'patients.csv'}")
     assert summary.slices == 2
+
+
+def test_pattern_that_matches_none_of_the_images_says_what_it_is_searched_in(
+    node_home: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "flat"
+    for name in ("A1_0.png", "B7_0.png"):
+        _png(folder / name, _blob().astype(np.uint8))
+    with pytest.raises(IngestError, match="finds a patient in none of the 2 image file") as caught:
+        _ingest(node_home, [folder], modality="MR", patient_rule=r"pattern:^patient-(\d+)/")
+    assert "'A1_0.png'" in str(caught.value)  # the relative path the pattern was tried on
+    with Store(node_home / "store") as store:
+        assert store.count() == 0

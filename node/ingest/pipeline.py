@@ -58,6 +58,8 @@ _DOCUMENT_SUFFIXES = frozenset(
 )
 
 NOT_IN_CSV = "not in patients CSV"
+NO_PATTERN_MATCH = "patient pattern does not match"
+RULE_MISSES = (NOT_IN_CSV, NO_PATTERN_MATCH)  # the patient rule found no patient for a file
 # Skip reasons that mean "could not be read at all" (as opposed to "read, not wanted").
 ERROR_REASONS = ("unreadable", "corrupt or truncated", "not DICOM or a known image format",
                  "not an image file", "decode failed", "file too large")
@@ -287,7 +289,7 @@ class _Run:
     duplicates: int = 0
     unoriented: int = 0
     named_errors: list[tuple[str, str]] = field(default_factory=list)
-    unlisted: Path | None = None  # the first image file the patients CSV does not name
+    unmatched: _Job | None = None  # the first image file the patient rule finds no patient for
 
     def skip(self, reason: str, count: int = 1) -> None:
         self.skipped[reason] += count
@@ -358,10 +360,10 @@ def _rule_patient(job: _Job, rule: PatientRule) -> tuple[str, str | None]:
         assert rule.pattern is not None
         match = rule.pattern.search(relative)
         if match is None:
-            raise Skipped("patient pattern does not match")
+            raise Skipped(NO_PATTERN_MATCH)
         value = match.groupdict().get("patient") or match.group(1)
         if not value:
-            raise Skipped("patient pattern does not match")
+            raise Skipped(NO_PATTERN_MATCH)
         return value, None
     parent = job.path.parent
     if job.named or parent == job.root:
@@ -625,8 +627,8 @@ def ingest_sources(
                     run.skip(skip.reason)
                     if job.named and skip.reason.startswith(ERROR_REASONS):
                         run.named_errors.append((skip.reason, str(job.path)))
-                    if skip.reason == NOT_IN_CSV and run.unlisted is None:
-                        run.unlisted = job.path
+                    if skip.reason in RULE_MISSES and run.unmatched is None:
+                        run.unmatched = job
                 bar.advance(task)
         run.flush()
         _finish(run, summary, sources)
@@ -639,10 +641,11 @@ def ingest_sources(
             raise IngestError(f"no image could be read: {sum(run.skipped.values())} file(s)"
                               f" skipped, e.g. as {reason!r}", where)
         read_but_unwanted = [r for r in run.skipped
-                             if r != NOT_IN_CSV and not r.startswith(ERROR_REASONS)]
-        if summary.slices == 0 and run.unlisted is not None and not read_but_unwanted:
-            raise IngestError(_csv_mismatch(rule, run.skipped[NOT_IN_CSV], run.unlisted),
-                              str(rule.csv_path))
+                             if r not in RULE_MISSES and not r.startswith(ERROR_REASONS)]
+        if summary.slices == 0 and run.unmatched is not None and not read_but_unwanted:
+            missed = sum(run.skipped[r] for r in RULE_MISSES)
+            raise IngestError(_rule_mismatch(rule, missed, run.unmatched),
+                              str(rule.csv_path or "--patient-rule"))
         if store.count() > 0:
             split = store.assign_split(
                 config.store.holdout_fraction,
@@ -661,16 +664,24 @@ def ingest_sources(
     return summary
 
 
-def _csv_mismatch(rule: PatientRule, unlisted: int, example: Path) -> str:
-    """Why nothing was stored when the patients CSV names none of the images found: almost
-    always relative paths read against another folder than the user meant."""
-    assert rule.table is not None and rule.csv_path is not None
-    named = next(iter(rule.table), None)
-    said = f"; its first row names {named}" if named is not None else "; it names no file"
-    return (f"the patients CSV names none of the {unlisted} image file(s) found (e.g."
-            f" {_real(example)}){said}. Relative paths in its 'file' column are read from"
-            f" the CSV's own folder ({rule.csv_path.parent}); move the CSV beside the images"
-            " or give absolute paths")
+def _rule_mismatch(rule: PatientRule, missed: int, example: _Job) -> str:
+    """Why nothing was stored when the patient rule finds a patient for none of the images:
+    almost always a CSV whose relative paths are read against another folder than meant, or
+    a pattern written for another layout. Says what the rule sees for the first image."""
+    if rule.kind == "csv":
+        assert rule.table is not None and rule.csv_path is not None
+        named = next(iter(rule.table), None)
+        said = f"; its first row names {named}" if named is not None else "; it names no file"
+        return (f"the patients CSV names none of the {missed} image file(s) found (e.g."
+                f" {_real(example.path)}){said}. Relative paths in its 'file' column are read"
+                f" from the CSV's own folder ({rule.csv_path.parent}); move the CSV beside the"
+                " images or give absolute paths")
+    assert rule.pattern is not None
+    seen = (example.path.name if example.named
+            else example.path.relative_to(example.root).as_posix())
+    return (f"the patient pattern {rule.pattern.pattern!r} finds a patient in none of the"
+            f" {missed} image file(s) found; it is searched in each file's path relative to"
+            f" the source folder given (e.g. {seen!r}) and its first group is the patient")
 
 
 def _finish(run: _Run, summary: IngestSummary, sources: list[Path]) -> None:
