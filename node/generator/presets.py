@@ -38,6 +38,9 @@ _LEGACY_DEFAULTS: dict[str, Any] = {"loss_weighting": "uniform", "min_snr_gamma"
 # preset's autoencoder downsamples 2x (64x64 -> 32x32x3 latents): a 4x autoencoder (16x16x3)
 # lost the ventricles in reconstruction (holdout PSNR 26.1 dB after 3,000 steps; the 2x one
 # reaches 26.5 dB after 600), and a latent that has lost them cannot be sampled with them.
+# A 4x autoencoder with 8 latent channels (2026-12-07) lets the UNet see 3x the latents in
+# the hour (batch 64 at 16x16): more coherent heads, but 3.7-4.1 dB lower holdout PSNR, a
+# worse sample spectrum and no clearer ventricles (bench/RESULTS.md); not adopted.
 # Step times on the idle 2-core box (2 threads): about 0.3 s per autoencoder step (batch 16),
 # 0.42 s per UNet step (batch 32 at 32x32; channels 32/64/128, attention only at 8x8), so
 # 3,000 + 6,000 steps is about an hour.
