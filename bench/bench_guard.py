@@ -18,12 +18,17 @@ image sizes; decisions compared one by one. Reference sets are generated from th
 slices (random real slices resampled, shifted, re-contrasted, mixed in pairs, with noise), so
 they have the structure of real images.
 
+``skip``: one run's screening (generator samples and the run's canaries), alternately with and
+without the window search of images a one-variant metric already rejected, in one process:
+times, ratio, and whether every decision is the same.
+
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_guard.py catch [--per-alteration 200]
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_guard.py frr [--which ct,mr] [--folds 10]
         [--methods site,leave-patients-out]
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_guard.py throughput [--sizes 64,128]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_guard.py skip --home HOME [--count 64]
 """
 
 from __future__ import annotations
@@ -537,10 +542,14 @@ def run_cost(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     prepare_guard(paths, config, progress=False)
     prepare_s = time.perf_counter() - t0
-    run = generate_and_screen(paths, config, args.count, seed=args.seed, progress=False)
+    run = generate_and_screen(paths, config, args.count, seed=args.seed, progress=False,
+                              search_rejected=args.search_rejected)
     timing = run.report["timing_s"]
     figure = timing["report_figure"]
     ratio = timing["guard"] / timing["sampling"]
+    flag = " --search-rejected" if args.search_rejected else ""
+    window = ("every image (--search-rejected)" if args.search_rejected
+              else "only the images no one-variant metric rejected (the default)")
     ratio_all = (timing["guard"] + figure) / timing["sampling"]
     tried = run.report["candidates_tried"]
     section = f"""
@@ -548,7 +557,8 @@ def run_cost(args: argparse.Namespace) -> None:
 
 - machine: {_machine()}
 - command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
-  bench/bench_guard.py cost --home {args.home} --count {args.count} --seed {args.seed}`
+  bench/bench_guard.py cost --home {args.home} --count {args.count} --seed {args.seed}{flag}`
+- window search: {window}
 - home: {args.label or "not described (no --label given)"}
 - guard preparation before the run (reference, calibration, encoder; kept after the first
   run): {prepare_s:.1f} s
@@ -658,6 +668,67 @@ def run_metrics(args: argparse.Namespace) -> None:
     _append(section)
 
 
+# ---- skipping the window search of images already rejected, in one run -----------------
+
+
+def run_skip(args: argparse.Namespace) -> None:
+    """A run's screening (samples plus its canaries) with and without the window search of
+    images a one-variant metric already rejected, alternated in one process: seconds, ratio,
+    and whether the decisions are the same."""
+    from node.config import load_node_config, resolve_home
+    from node.generator.sampling import load_generator
+    from node.guard.calibration import prepare_guard
+    from node.guard.run import screen_with_canaries
+
+    paths = resolve_home(args.home)
+    config = load_node_config(paths)
+    state = prepare_guard(paths, config, progress=False)
+    gen = load_generator(paths)
+    modality = gen.modalities[0]
+    t0 = time.perf_counter()
+    samples = np.asarray(gen.sample(args.count, seed=args.seed, modality=modality,
+                                    batch_size=16), dtype=np.float32)
+    sampling = time.perf_counter() - t0
+    screen_with_canaries(state, modality, samples[:4], args.seed)  # build, first calls
+    times: dict[bool, list[float]] = {False: [], True: []}
+    outcome: dict[bool, tuple[np.ndarray, np.ndarray, dict[str, int]]] = {}
+    for rep in range(args.repeats):
+        for every in ((False, True) if rep % 2 == 0 else (True, False)):
+            t0 = time.perf_counter()
+            cand, canaries = screen_with_canaries(state, modality, samples, args.seed, every)
+            times[every].append(time.perf_counter() - t0)
+            caught = np.asarray([r["caught"] for r in canaries.rates.values()])
+            outcome[every] = (cand.accepted, caught, cand.searched())
+    same = bool(np.array_equal(outcome[False][0], outcome[True][0])
+                and np.array_equal(outcome[False][1], outcome[True][1]))
+    quick, full = float(np.median(times[False])), float(np.median(times[True]))
+    planted = sum(int(r["planted"]) for r in canaries.rates.values())
+    section = f"""
+## Guard: skipping the window search of images already rejected, A/B in one run \
+({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)
+
+- machine: {_machine()}
+- command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
+  bench/bench_guard.py skip --home {args.home} --count {args.count} --seed {args.seed}
+  --repeats {args.repeats}`
+- home: {args.label or "not described (no --label given)"}; {len(state.reference.records):,}
+  reference slices; {args.count} generator samples ({sampling:.2f} s to sample) and the
+  run's {planted} canaries, screened {args.repeats} times each way, alternating (guard built
+  once, outside the times)
+- window search of every image: median {full:.3f} s (runs {", ".join(f"{t:.3f}" for t in
+  times[True])})
+- window search only of images no one-variant metric rejected (the default): median
+  {quick:.3f} s (runs {", ".join(f"{t:.3f}" for t in times[False])});
+  **{full / quick:.2f}x** faster, {1 - quick / full:.0%} less; window search of
+  {outcome[False][2].get("shift_flip", 0)} of {args.count} samples
+- same decisions for every sample and canary: {same}
+- screening / sampling of these {args.count} samples: {full / sampling:.1%} before,
+  {quick / sampling:.1%} now (the run's loading of the guard not included)
+"""
+    print(section)
+    _append(section)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -684,6 +755,14 @@ def main() -> None:
     c.add_argument("--count", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--label", default="")
+    c.add_argument("--search-rejected", action="store_true",
+                   help="search the window metric for every image, as before 2026-12-07")
+    c = sub.add_parser("skip")
+    c.add_argument("--home", required=True)
+    c.add_argument("--count", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--label", default="")
     c = sub.add_parser("metrics")
     c.add_argument("--home", required=True)
     c.add_argument("--count", type=int, default=96)
@@ -691,7 +770,7 @@ def main() -> None:
     c.add_argument("--label", default="")
     args = parser.parse_args()
     {"catch": run_catch, "frr": run_frr, "throughput": run_throughput,
-     "cost": run_cost, "metrics": run_metrics}[args.cmd](args)
+     "cost": run_cost, "skip": run_skip, "metrics": run_metrics}[args.cmd](args)
 
 if __name__ == "__main__":
     main()

@@ -99,6 +99,15 @@ def test_a_generator_that_copies_is_reported_and_capped(home: NodePaths) -> None
     assert report["acceptance_rate"] < 0.5
     assert "copies too much" in report["copying_warning"]
     assert report["rejected_by_metric"]["pixel_rmse"] >= 1
+    # Copies a one-variant metric rejected are left out of the window search (same decision);
+    # every other candidate is searched by every metric.
+    assert run.run_dir is not None
+    local = json.loads((run.run_dir / "report.json").read_text())
+    caught = sum(1 for r in local["rejected"] if set(r["failed"]) - {"shift_flip"})
+    assert caught >= 1
+    searched = {m: v["images_searched"] for m, v in report["search"].items()}
+    assert searched["shift_flip"] == report["candidates_tried"] - caught
+    assert all(searched[m] == report["candidates_tried"] for m in searched if m != "shift_flip")
 
 
 def test_a_generator_that_only_copies_exports_nothing(home: NodePaths) -> None:

@@ -154,6 +154,26 @@ def _brute_decisions(metrics, reference, images, thresholds):  # type: ignore[no
     return accepted
 
 
+def _assert_skipping_keeps_decisions(guard, images, full, brute):  # type: ignore[no-untyped-def]
+    """``screen(search_rejected=False)`` decides like brute force and the full screen; it
+    leaves out of the window search exactly the images a one-variant metric rejected."""
+    quick = guard.screen(images, search_rejected=False)
+    np.testing.assert_array_equal(quick.accepted, brute)
+    np.testing.assert_array_equal(quick.accepted, full.accepted)
+    windowed = [m for m in guard.metrics if guard.bounded(m)]
+    dense = [m for m in guard.metrics if not guard.bounded(m)]
+    caught = np.zeros(images.shape[0], dtype=bool)
+    for m in dense:
+        np.testing.assert_array_equal(quick.distances[m.name], full.distances[m.name])
+        caught |= full.distances[m.name] < guard.thresholds[m.name]
+    for m in windowed:
+        d = quick.distances[m.name]
+        np.testing.assert_array_equal(np.isnan(d), caught)
+        np.testing.assert_array_equal(d[~caught], full.distances[m.name][~caught])
+        assert quick.searched()[m.name] == int((~caught).sum())
+    assert all(np.all(np.isfinite(d[quick.accepted])) for d in quick.distances.values())
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.floats(0.01, 0.3))
 def test_guard_decisions_equal_brute_force_on_random_images(seed: int, thr: float) -> None:
@@ -166,9 +186,9 @@ def test_guard_decisions_equal_brute_force_on_random_images(seed: int, thr: floa
     thresholds = {"pixel_rmse": thr, "shift_flip": thr * 0.8}
     guard = Guard(metrics, ref, thresholds, n_components=8)
     screening = guard.screen(cand)
-    np.testing.assert_array_equal(
-        screening.accepted, _brute_decisions(metrics, ref, cand, thresholds)
-    )
+    brute = _brute_decisions(metrics, ref, cand, thresholds)
+    np.testing.assert_array_equal(screening.accepted, brute)
+    _assert_skipping_keeps_decisions(guard, cand, screening, brute)
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +229,11 @@ def test_guard_decisions_equal_brute_force_on_real_slices(real_slices, seed: int
     # A threshold in the middle of the candidates' distances makes both outcomes happen.
     thr = float(np.median(np.sqrt(d0.sq[:, 0]) / 64))
     thresholds = {"pixel_rmse": thr, "shift_flip": thr * 0.8}
-    screening = Guard(metrics, ref, thresholds, n_components=16).screen(images)
-    np.testing.assert_array_equal(
-        screening.accepted, _brute_decisions(metrics, ref, images, thresholds)
-    )
+    guard = Guard(metrics, ref, thresholds, n_components=16)
+    screening = guard.screen(images)
+    brute = _brute_decisions(metrics, ref, images, thresholds)
+    np.testing.assert_array_equal(screening.accepted, brute)
+    _assert_skipping_keeps_decisions(guard, images, screening, brute)
 
 
 def test_index_rebuilt_from_its_state_answers_like_a_fresh_one() -> None:
