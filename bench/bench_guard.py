@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -575,14 +576,12 @@ def run_cost(args: argparse.Namespace) -> None:
 # ---- per-metric screening time, old search vs tile cascade, in one run ---------------------
 
 
-def run_metrics(args: argparse.Namespace) -> None:
-    """Per-metric screening time on generator samples; the shift metric by both searches."""
+def _home_samples(args: argparse.Namespace) -> tuple[Any, str, np.ndarray, float]:
+    """(guard state, modality, ``args.count`` generator samples, seconds to sample them) of
+    the home ``args.home`` (DPM-Solver, batches of 16, seed ``args.seed``)."""
     from node.config import load_node_config, resolve_home
     from node.generator.sampling import load_generator
     from node.guard.calibration import prepare_guard
-    from privacy.guard import metric_nearest
-    from privacy.search import ExactIndex, index_layout
-    from privacy.tiles import TileIndex
 
     paths = resolve_home(args.home)
     config = load_node_config(paths)
@@ -592,7 +591,17 @@ def run_metrics(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     samples = np.asarray(gen.sample(args.count, seed=args.seed, modality=modality,
                                     batch_size=16), dtype=np.float32)
-    sampling = (time.perf_counter() - t0) / args.count
+    return state, modality, samples, time.perf_counter() - t0
+
+
+def run_metrics(args: argparse.Namespace) -> None:
+    """Per-metric screening time on generator samples; the shift metric by both searches."""
+    from privacy.guard import metric_nearest
+    from privacy.search import ExactIndex, index_layout
+    from privacy.tiles import TileIndex
+
+    state, modality, samples, sampled_s = _home_samples(args)
+    sampling = sampled_s / args.count
     t0 = time.perf_counter()
     guard = state.guard(modality)
     build = time.perf_counter() - t0
@@ -675,20 +684,9 @@ def run_skip(args: argparse.Namespace) -> None:
     """A run's screening (samples plus its canaries) with and without the window search of
     images a one-variant metric already rejected, alternated in one process: seconds, ratio,
     and whether the decisions are the same."""
-    from node.config import load_node_config, resolve_home
-    from node.generator.sampling import load_generator
-    from node.guard.calibration import prepare_guard
     from node.guard.run import screen_with_canaries
 
-    paths = resolve_home(args.home)
-    config = load_node_config(paths)
-    state = prepare_guard(paths, config, progress=False)
-    gen = load_generator(paths)
-    modality = gen.modalities[0]
-    t0 = time.perf_counter()
-    samples = np.asarray(gen.sample(args.count, seed=args.seed, modality=modality,
-                                    batch_size=16), dtype=np.float32)
-    sampling = time.perf_counter() - t0
+    state, modality, samples, sampling = _home_samples(args)
     screen_with_canaries(state, modality, samples[:4], args.seed)  # build, first calls
     times: dict[bool, list[float]] = {False: [], True: []}
     outcome: dict[bool, tuple[np.ndarray, np.ndarray, dict[str, int]]] = {}
