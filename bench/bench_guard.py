@@ -538,6 +538,8 @@ def run_cost(args: argparse.Namespace) -> None:
     from node.guard.run import generate_and_screen
     from privacy.guard import blas_threads
 
+    if args.numpy_hugepages:  # the A/B's other arm: numpy's own huge-page advice kept
+        os.environ["NUMPY_MADVISE_HUGEPAGE"] = "1"
     paths = resolve_home(args.home)
     config = load_node_config(paths)
     t0 = time.perf_counter()
@@ -548,9 +550,12 @@ def run_cost(args: argparse.Namespace) -> None:
     timing = run.report["timing_s"]
     figure = timing["report_figure"]
     ratio = timing["guard"] / timing["sampling"]
-    flag = " --search-rejected" if args.search_rejected else ""
+    flag = (" --search-rejected" if args.search_rejected else "") + (
+        " --numpy-hugepages" if args.numpy_hugepages else "")
     window = ("every image (--search-rejected)" if args.search_rejected
               else "only the images no one-variant metric rejected (the default)")
+    pages = ("kept (--numpy-hugepages)" if args.numpy_hugepages
+             else "off during the run (the default)")
     ratio_all = (timing["guard"] + figure) / timing["sampling"]
     tried = run.report["candidates_tried"]
     section = f"""
@@ -559,7 +564,7 @@ def run_cost(args: argparse.Namespace) -> None:
 - machine: {_machine()}
 - command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
   bench/bench_guard.py cost --home {args.home} --count {args.count} --seed {args.seed}{flag}`
-- window search: {window}
+- window search: {window}; numpy's huge-page advice for new arrays: {pages}
 - home: {args.label or "not described (no --label given)"}
 - guard preparation before the run (reference, calibration, encoder; kept after the first
   run): {prepare_s:.1f} s
@@ -755,6 +760,8 @@ def main() -> None:
     c.add_argument("--label", default="")
     c.add_argument("--search-rejected", action="store_true",
                    help="search the window metric for every image, as before 2026-12-07")
+    c.add_argument("--numpy-hugepages", action="store_true",
+                   help="keep numpy's huge-page advice during the run, as before 2026-12-07")
     c = sub.add_parser("skip")
     c.add_argument("--home", required=True)
     c.add_argument("--count", type=int, default=64)

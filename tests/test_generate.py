@@ -74,6 +74,34 @@ def test_generate_and_screen_accepts_the_count_far_from_every_real_slice(home: N
     assert last["event"] == "generate" and last["details"]["accepted"] == 6
 
 
+def test_a_run_uses_small_pages_and_restores_numpy_setting(
+    home: NodePaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from numpy._core import multiarray
+
+    from node.guard.run import small_pages
+
+    setter = multiarray._set_madvise_hugepage  # type: ignore[attr-defined]  # returns the old one
+    seen: list[bool] = []
+
+    def sampler(n: int, seed: int) -> np.ndarray:
+        seen.append(bool(setter(False)))
+        return Recorder(home)(n, seed)
+
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    before = setter(True)
+    try:
+        generate_and_screen(home, load_node_config(home), 3, seed=9, sampler=sampler,
+                            progress=False)
+        assert seen and not any(seen)  # no huge-page advice while the run samples
+        assert setter(True) is True  # restored afterwards
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")  # the user's choice wins
+        with small_pages():
+            assert setter(True) is True
+    finally:
+        setter(before)
+
+
 def test_canaries_are_never_exported(home: NodePaths) -> None:
     config = load_node_config(home)
     sampler = Recorder(home)

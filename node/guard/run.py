@@ -15,11 +15,13 @@ stays at the site), ``distances.png`` and ``report.html``; the audit log a ``gen
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -284,6 +286,33 @@ def check_generator_covered(
         )
 
 
+@contextmanager
+def small_pages() -> Iterator[None]:
+    """Turn off numpy's huge-page advice for new arrays while the block runs, unless
+    ``NUMPY_MADVISE_HUGEPAGE`` says otherwise.
+
+    numpy asks the kernel for transparent huge pages on every large array (``madvise``); with
+    the common ``defrag: madvise`` policy a page fault on such an array may compact memory
+    first, and right after sampling (memory fragmented by torch) that made building the guard
+    two to four times slower: 0.27-0.60 s against 0.12-0.19 s with small pages, 3,064
+    references. The arithmetic is the same either way.
+    """
+    if os.environ.get("NUMPY_MADVISE_HUGEPAGE") is not None:
+        yield
+        return
+    setter = getattr(getattr(np, "_core", None), "multiarray", None)
+    setter = getattr(setter, "_set_madvise_hugepage", None)
+    if setter is None:  # another numpy layout: leave its setting alone
+        yield
+        return
+    previous = setter(False)
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
+@small_pages()
 def generate_and_screen(
     paths: NodePaths,
     config: NodeConfig,
