@@ -47,17 +47,20 @@ def blas_threads() -> int:
     return max([1, *counts])
 
 
+def _query_blocks(metric: Metric, arr: np.ndarray) -> list[slice]:
+    """The blocks of queries whose variants are computed at once (bounded memory)."""
+    per_image = metric.n_variants() * arr.shape[1] * arr.shape[2]
+    block = max(1, _QUERY_BLOCK_ENTRIES // per_image)
+    return [slice(start, start + block) for start in range(0, arr.shape[0], block)]
+
+
 def metric_nearest(
     metric: Metric, index: ExactIndex, images: np.ndarray, k: int = 2
 ) -> Nearest:
     """Exact k nearest references of ``images`` under ``metric`` (queries in blocks)."""
     arr = check_images(images)
-    per_image = metric.n_variants() * arr.shape[1] * arr.shape[2]
-    block = max(1, _QUERY_BLOCK_ENTRIES // per_image)
-    parts = [
-        index.nearest(metric.query_variants(arr[start : start + block]), k=k)
-        for start in range(0, arr.shape[0], block)
-    ]
+    parts = [index.nearest(metric.query_variants(arr[b]), k=k)
+             for b in _query_blocks(metric, arr)]
     return Nearest.concat(parts, max(1, min(k, index.n)))
 
 
@@ -245,30 +248,57 @@ class Guard:
         self, arr: np.ndarray, search_rejected: bool
     ) -> dict[str, tuple[Nearest, np.ndarray | None]]:
         """Every metric's search of ``arr``: per metric its result and the rows it searched
-        (None: all). The dense one-variant searches are one GEMM of the batch against the
-        reference each (two threads of their own would each read it whole). After the window
-        searches they use BLAS's own threads. With ``search_rejected`` false they run first,
-        in one BLAS thread (a multi-threaded BLAS call would leave its helper spinning into the
-        window searches: 0.41-0.43 s against 0.44-0.54 s for 120 images of 3,064 references),
-        and the window searches (:meth:`_search_tiled`) only on the images none rejected."""
+        (None: all). With ``search_rejected``, the window searches first
+        (:meth:`_search_tiled`), then the dense one-variant searches with BLAS's own threads
+        (one GEMM of the batch against the reference each). Without it, each of
+        :attr:`workers` threads takes its share of the candidates through the one-variant
+        searches and then the window search of those none of them rejected, all with one BLAS
+        thread (a multi-threaded BLAS call would leave its helper spinning into the window
+        searches). Every candidate's search is independent of the others: the split changes
+        no result."""
         from threadpoolctl import threadpool_limits
 
         tiled = [m for m in self.metrics if self.bounded(m)]
         dense = [m for m in self.metrics if not self.bounded(m)]
         out: dict[str, tuple[Nearest, np.ndarray | None]] = {}
-        if search_rejected:
+        if search_rejected or arr.shape[0] == 0:
             out.update({name: (res, None) for name, res in self._search_tiled(tiled, arr).items()})
             out.update({m.name: (self.nearest(m, arr, 2), None) for m in dense})
             return out
-        rejected = np.zeros(arr.shape[0], dtype=bool)
-        with threadpool_limits(1 if tiled else self.workers, user_api="blas"):
+        # One-variant query features are computed here, in the same blocks as
+        # metric_nearest (the embedding's come from a network that runs its own threads);
+        # each worker then takes its own candidates through every one-variant search and the
+        # window search of those none rejected, with one BLAS thread: the dense GEMMs of the
+        # two workers run side by side instead of one after the other.
+        feats = {m.name: np.concatenate([m.query_variants(arr[b])
+                                         for b in _query_blocks(m, arr)])
+                 for m in dense if m.n_variants() == 1 and m.feature_space in self.indexes}
+
+        def part(rows: np.ndarray) -> tuple[dict[str, Nearest], np.ndarray]:
+            found: dict[str, Nearest] = {}
+            rejected = np.zeros(rows.size, dtype=bool)
             for m in dense:
-                res = self.nearest(m, arr, 2)
+                res = (self.indexes[m.feature_space].nearest(feats[m.name][rows], k=2)
+                       if m.name in feats else self.nearest(m, arr[rows], 2))
                 rejected |= self._below(m, res)
-                out[m.name] = (res, None)
-        rows = np.flatnonzero(~rejected)
-        found = self._search_tiled(tiled, arr[rows])
-        out.update({name: (res, rows) for name, res in found.items()})
+                found[m.name] = res
+            keep = rows[~rejected]
+            for m in tiled:
+                found[m.name] = self.decide(m, arr[keep])
+            return found, keep
+
+        split = np.array_split(np.arange(arr.shape[0]), max(1, min(self.workers, arr.shape[0])))
+        if len(split) < 2:
+            parts = [part(split[0])]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(split)) as pool:
+                parts = list(pool.map(part, split))
+        keep = np.concatenate([kept for _, kept in parts])
+        for m in self.metrics:  # every part holds at least one candidate
+            res = Nearest.concat([found[m.name] for found, _ in parts], 2)
+            out[m.name] = (res, keep if self.bounded(m) else None)
         return out
 
     def screen(self, images: np.ndarray, *, search_rejected: bool = True) -> Screening:

@@ -156,8 +156,16 @@ def _brute_decisions(metrics, reference, images, thresholds):  # type: ignore[no
 
 def _assert_skipping_keeps_decisions(guard, images, full, brute):  # type: ignore[no-untyped-def]
     """``screen(search_rejected=False)`` decides like brute force and the full screen; it
-    leaves out of the window search exactly the images a one-variant metric rejected."""
-    quick = guard.screen(images, search_rejected=False)
+    leaves out of the window search exactly the images a one-variant metric rejected; one
+    worker or several, the same result."""
+    runs = []
+    for workers in (1, 3):
+        guard.workers = workers
+        runs.append(guard.screen(images, search_rejected=False))
+    quick = runs[0]
+    for m in quick.distances:
+        np.testing.assert_array_equal(runs[1].distances[m], quick.distances[m])
+        np.testing.assert_array_equal(runs[1].nearest_row[m], quick.nearest_row[m])
     np.testing.assert_array_equal(quick.accepted, brute)
     np.testing.assert_array_equal(quick.accepted, full.accepted)
     windowed = [m for m in guard.metrics if guard.bounded(m)]
