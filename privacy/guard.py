@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,8 @@ from privacy.search import DENSE_ENTRIES, ExactIndex, Nearest, index_layout
 from privacy.tiles import TileIndex, tile_sizes
 
 __all__ = ["Guard", "Screening", "metric_nearest", "blas_threads"]
+
+_T = TypeVar("_T")
 
 _QUERY_BLOCK_ENTRIES = 1 << 22  # float32 entries of query variants held at once
 
@@ -217,25 +219,27 @@ class Guard:
             parts.append(index.nearest(windows, k=2, cap_sq=cap_sq))
         return Nearest.concat(parts, 2)
 
-    def _search_tiled(self, tiled: list[Metric], arr: np.ndarray) -> dict[str, Nearest]:
-        """The capped window searches of ``arr``, in :attr:`workers` threads, each over its
-        own candidates with one BLAS thread: most of their time is numpy outside BLAS, and a
-        multi-threaded BLAS call leaves a helper thread spinning for a while, which slowed a
-        search that followed it by a third. Each candidate's search is independent of the
-        others, so the split changes no result."""
+    def _in_workers(self, arr: np.ndarray, work: Callable[[np.ndarray], _T]) -> list[_T]:
+        """``work(rows)`` on :attr:`workers` contiguous shares of ``arr``'s rows, in order,
+        each in its own thread with one BLAS thread: most of the searches' time is numpy
+        outside BLAS, and a multi-threaded BLAS call leaves a helper thread spinning for a
+        while, which slowed a search that followed it by a third. Each candidate's search is
+        independent of the others, so the split changes no result."""
         split = np.array_split(np.arange(arr.shape[0]), max(1, min(self.workers, arr.shape[0])))
         if len(split) < 2:
-            return {m.name: self.decide(m, arr) for m in tiled}
+            return [work(split[0])]
         from concurrent.futures import ThreadPoolExecutor
 
         from threadpoolctl import threadpool_limits
 
-        out: dict[str, Nearest] = {}
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(split)) as pool:
-            for m in tiled:
-                found = list(pool.map(lambda rows, m=m: self.decide(m, arr[rows]), split))
-                out[m.name] = Nearest.concat(found, 2)
-        return out
+            return list(pool.map(work, split))
+
+    def _search_tiled(self, tiled: list[Metric], arr: np.ndarray) -> dict[str, Nearest]:
+        """The capped window searches of ``arr``, in :attr:`workers` threads."""
+        parts = self._in_workers(arr, lambda rows: {m.name: self.decide(m, arr[rows])
+                                                    for m in tiled})
+        return {m.name: Nearest.concat([found[m.name] for found in parts], 2) for m in tiled}
 
     def _below(self, metric: Metric, res: Nearest) -> np.ndarray:
         """Which images ``res`` finds closer than ``metric``'s threshold (the test
@@ -254,10 +258,7 @@ class Guard:
         :attr:`workers` threads takes its share of the candidates through the one-variant
         searches and then the window search of those none of them rejected, all with one BLAS
         thread (a multi-threaded BLAS call would leave its helper spinning into the window
-        searches). Every candidate's search is independent of the others: the split changes
-        no result."""
-        from threadpoolctl import threadpool_limits
-
+        searches, :meth:`_in_workers`)."""
         tiled = [m for m in self.metrics if self.bounded(m)]
         dense = [m for m in self.metrics if not self.bounded(m)]
         out: dict[str, tuple[Nearest, np.ndarray | None]] = {}
@@ -272,7 +273,7 @@ class Guard:
         # two workers run side by side instead of one after the other.
         feats = {m.name: np.concatenate([m.query_variants(arr[b])
                                          for b in _query_blocks(m, arr)])
-                 for m in dense if m.n_variants() == 1 and m.feature_space in self.indexes}
+                 for m in dense if m.n_variants() == 1}
 
         def part(rows: np.ndarray) -> tuple[dict[str, Nearest], np.ndarray]:
             found: dict[str, Nearest] = {}
@@ -287,14 +288,7 @@ class Guard:
                 found[m.name] = self.decide(m, arr[keep])
             return found, keep
 
-        split = np.array_split(np.arange(arr.shape[0]), max(1, min(self.workers, arr.shape[0])))
-        if len(split) < 2:
-            parts = [part(split[0])]
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(len(split)) as pool:
-                parts = list(pool.map(part, split))
+        parts = self._in_workers(arr, part)
         keep = np.concatenate([kept for _, kept in parts])
         for m in self.metrics:  # every part holds at least one candidate
             res = Nearest.concat([found[m.name] for found, _ in parts], 2)

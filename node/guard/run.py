@@ -297,19 +297,16 @@ def small_pages() -> Iterator[None]:
     two to four times slower: 0.27-0.60 s against 0.12-0.19 s with small pages, 3,064
     references. The arithmetic is the same either way.
     """
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None)
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)  # None: another numpy layout
     if os.environ.get("NUMPY_MADVISE_HUGEPAGE") is not None:
-        yield
-        return
-    setter = getattr(getattr(np, "_core", None), "multiarray", None)
-    setter = getattr(setter, "_set_madvise_hugepage", None)
-    if setter is None:  # another numpy layout: leave its setting alone
-        yield
-        return
-    previous = setter(False)
+        setter = None  # the user's choice stands
+    previous = setter(False) if setter is not None else None
     try:
         yield
     finally:
-        setter(previous)
+        if setter is not None:
+            setter(previous)
 
 
 @small_pages()
