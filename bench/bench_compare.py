@@ -156,17 +156,24 @@ def build(task: str) -> None:
 
 
 def generators(task: str, preset: str, max_steps: int | None, ae_steps: int = 0,
-               diffusion_steps: int = 0) -> None:
+               diffusion_steps: int = 0, sites: str = "") -> None:
     """Train each site's own generator on its own train split (arm S needs them).
 
     ``ae_steps`` / ``diffusion_steps`` shorten the stages with complete LR schedules;
-    ``max_steps`` stops early inside the preset's schedule.
+    ``max_steps`` stops early inside the preset's schedule; ``sites`` (comma-separated
+    names) trains only those sites.
     """
     from node.config import load_node_config, resolve_home
     from node.generator.train import train_generator
 
     config = _load(task)
+    wanted = {name for name in sites.split(",") if name}
+    unknown = wanted - {site.name for site in config.sites}
+    if unknown:
+        raise SystemExit(f"no site named {sorted(unknown)} in {CONFIGS[task]}")
     for site_cfg in config.sites:
+        if wanted and site_cfg.name not in wanted:
+            continue
         paths = resolve_home(REPO / site_cfg.home)
         node_config = load_node_config(paths)
         if ae_steps:
@@ -735,6 +742,7 @@ def main() -> None:
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--ae-steps", type=int, default=0)
     g.add_argument("--diffusion-steps", type=int, default=0)
+    g.add_argument("--sites", default="", help="comma-separated site names (default: all)")
     y = sub.add_parser("synth")
     y.add_argument("--task", choices=("denoise", "sr"), required=True)
     y.add_argument("--count", type=int, default=0, help="per site; 0 = its train count")
@@ -789,7 +797,7 @@ def main() -> None:
         build(args.task)
     elif args.cmd == "generators":
         generators(args.task, args.preset, args.max_steps, args.ae_steps,
-                   args.diffusion_steps)
+                   args.diffusion_steps, args.sites)
     elif args.cmd == "synth":
         synth(args.task, args.count, args.seed, args.home_suffix, args.synthetic_dir,
               args.class_mix)

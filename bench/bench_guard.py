@@ -732,6 +732,58 @@ def run_skip(args: argparse.Namespace) -> None:
     _append(section)
 
 
+# ---- one float32 GEMM for the pixel and contrast metrics, in one run ------------------------
+
+
+def run_shared(args: argparse.Namespace) -> None:
+    """A run's screening (samples plus its canaries) with the contrast metric's dense search
+    reusing the pixel metric's GEMM (the default) and with its own GEMM, alternated in one
+    process: seconds, ratio, and whether every distance is the same."""
+    from node.guard.run import screen_with_canaries
+
+    state, modality, samples, sampling = _home_samples(args)
+    guard = state.guard(modality)
+    paired = dict(guard.rescales)
+    screen_with_canaries(state, modality, samples[:4], args.seed)  # build, first calls
+    times: dict[bool, list[float]] = {False: [], True: []}
+    outcome = {}
+    for rep in range(args.repeats):
+        for shared in ((True, False) if rep % 2 == 0 else (False, True)):
+            guard.rescales = dict(paired) if shared else {}
+            t0 = time.perf_counter()
+            cand, canaries = screen_with_canaries(state, modality, samples, args.seed)
+            times[shared].append(time.perf_counter() - t0)
+            outcome[shared] = (cand, [r["caught"] for r in canaries.rates.values()])
+    guard.rescales = paired
+    a, b = outcome[True][0], outcome[False][0]
+    same = bool(np.array_equal(a.accepted, b.accepted) and outcome[True][1] == outcome[False][1]
+                and all(np.array_equal(a.distances[m], b.distances[m], equal_nan=True)
+                        and np.array_equal(a.nearest_row[m], b.nearest_row[m])
+                        for m in a.distances))
+    one, two = float(np.median(times[True])), float(np.median(times[False]))
+    pairs = paired or "none (no pixel and contrast metrics with dense indexes)"
+    section = f"""
+## Guard: one GEMM for the pixel and contrast metrics, A/B in one run \
+({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)
+
+- machine: {_machine()}
+- command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
+  bench/bench_guard.py shared --home {args.home} --count {args.count} --seed {args.seed}
+  --repeats {args.repeats}`
+- home: {args.label or "not described (no --label given)"}; {len(state.reference.records):,}
+  reference slices; {args.count} generator samples ({sampling:.2f} s to sample) and the
+  run's canaries, screened {args.repeats} times each way, alternating (guard built once,
+  outside the times); pairs: {pairs}
+- contrast search with its own GEMM: median {two:.3f} s (runs {", ".join(f"{t:.3f}" for t in
+  times[False])})
+- contrast search from the pixel metric's GEMM (the default): median {one:.3f} s (runs
+  {", ".join(f"{t:.3f}" for t in times[True])}); **{two / one:.2f}x**, {1 - one / two:.0%} less
+- every decision, distance and nearest row the same: {same}
+"""
+    print(section)
+    _append(section)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -768,6 +820,12 @@ def main() -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--label", default="")
+    c = sub.add_parser("shared")
+    c.add_argument("--home", required=True)
+    c.add_argument("--count", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--repeats", type=int, default=7)
+    c.add_argument("--label", default="")
     c = sub.add_parser("metrics")
     c.add_argument("--home", required=True)
     c.add_argument("--count", type=int, default=96)
@@ -775,7 +833,8 @@ def main() -> None:
     c.add_argument("--label", default="")
     args = parser.parse_args()
     {"catch": run_catch, "frr": run_frr, "throughput": run_throughput,
-     "cost": run_cost, "skip": run_skip, "metrics": run_metrics}[args.cmd](args)
+     "cost": run_cost, "skip": run_skip, "shared": run_shared,
+     "metrics": run_metrics}[args.cmd](args)
 
 if __name__ == "__main__":
     main()

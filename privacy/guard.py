@@ -30,7 +30,13 @@ import numpy as np
 
 from privacy.errors import GuardError
 from privacy.metrics import Metric, check_images
-from privacy.search import DENSE_ENTRIES, ExactIndex, Nearest, index_layout
+from privacy.search import (
+    DENSE_ENTRIES,
+    ExactIndex,
+    Nearest,
+    dense_scaled_nearest,
+    index_layout,
+)
 from privacy.tiles import TileIndex, tile_sizes
 
 __all__ = ["Guard", "Screening", "metric_nearest", "blas_threads"]
@@ -188,6 +194,18 @@ class Guard:
                 if (index.n, index.dim) != feats.shape:
                     raise GuardError(f"index of {m.feature_space} does not match", "guard", 1)
                 self.indexes[m.feature_space] = index
+        #: Metric -> the metric whose float32 GEMM its dense search reuses (its features
+        #: rescale that one's, :attr:`Metric.scaled_from`; both indexes dense).
+        self.rescales: dict[str, str] = {}
+        one = {m.feature_space: m for m in self.metrics
+               if m.n_variants() == 1 and m.feature_space in self.indexes}
+        for m in self.metrics:
+            base = one.get(m.scaled_from or "")
+            if (m.feature_space in one and base is not None and base is not m
+                    and self.indexes[m.feature_space].dense_only
+                    and self.indexes[base.feature_space].dense_only
+                    and base.name not in self.rescales.values()):
+                self.rescales[m.name] = base.name
 
     def nearest(self, metric: Metric, images: np.ndarray, k: int = 2) -> Nearest:
         """Exact k nearest references under ``metric``: by :class:`ExactIndex`, or by the
@@ -275,14 +293,26 @@ class Guard:
                                          for b in _query_blocks(m, arr)])
                  for m in dense if m.n_variants() == 1}
 
+        by_name = {m.name: m for m in dense}
+        pairs = {base: name for name, base in self.rescales.items()}
+
         def part(rows: np.ndarray) -> tuple[dict[str, Nearest], np.ndarray]:
             found: dict[str, Nearest] = {}
+            for m in dense:
+                if m.name in self.rescales:
+                    continue  # searched with the metric it rescales
+                if m.name in pairs:  # one GEMM for both (privacy.search, "Rescaled rows")
+                    other = by_name[pairs[m.name]]
+                    found[m.name], found[other.name] = dense_scaled_nearest(
+                        self.indexes[m.feature_space], feats[m.name][rows][:, 0],
+                        self.indexes[other.feature_space], feats[other.name][rows][:, 0], 2)
+                else:
+                    found[m.name] = (self.indexes[m.feature_space].nearest(feats[m.name][rows],
+                                                                           k=2)
+                                     if m.name in feats else self.nearest(m, arr[rows], 2))
             rejected = np.zeros(rows.size, dtype=bool)
             for m in dense:
-                res = (self.indexes[m.feature_space].nearest(feats[m.name][rows], k=2)
-                       if m.name in feats else self.nearest(m, arr[rows], 2))
-                rejected |= self._below(m, res)
-                found[m.name] = res
+                rejected |= self._below(m, found[m.name])
             keep = rows[~rejected]
             for m in tiled:
                 found[m.name] = self.decide(m, arr[keep])

@@ -53,9 +53,13 @@ __all__ = [
     "EmbeddingDistance",
     "check_images",
     "rotate_images",
+    "ZERO_RMS",
 ]
 
 FloatArray = NDArray[np.floating]
+
+#: :class:`ContrastRMSE` leaves rows whose root-mean-square is at most this unscaled.
+ZERO_RMS = 1e-12
 
 
 def check_images(images: np.ndarray, where: str = "images") -> np.ndarray:
@@ -153,6 +157,10 @@ class Metric(ABC):
     name: str = ""
     #: Metrics with the same feature space share one reference index.
     feature_space: str = "pixels"
+    #: The feature space whose rows this metric's features rescale, row by row, as
+    #: :class:`ContrastRMSE` does (None: no such relation); the guard then derives this
+    #: metric's dot products from that space's (:func:`privacy.search.scaled_gemm_interval`).
+    scaled_from: str | None = None
 
     @property
     def costly_features(self) -> bool:
@@ -229,6 +237,9 @@ class ContrastRMSE(Metric):
 
     name = "contrast_rmse"
     feature_space = "pixels_unit_rms"
+    #: Each feature row is the float32 pixel row ``x`` divided by its root-mean-square ``rms``
+    #: (float64 quotient, rounded to float32), or ``x`` itself where ``rms <= ZERO_RMS``.
+    scaled_from = "pixels"
 
     def scale(self, image_shape: tuple[int, int]) -> float:
         return 1.0 / math.sqrt(image_shape[0] * image_shape[1])
@@ -240,7 +251,7 @@ class ContrastRMSE(Metric):
         for start in range(0, flat.shape[0], chunk):  # rows are independent: chunks stay in cache
             part = flat[start : start + chunk].astype(np.float32)
             rms = np.sqrt(np.mean(part.astype(np.float64) ** 2, axis=1, keepdims=True))
-            out[start : start + chunk] = part / np.where(rms > 1e-12, rms, 1.0)
+            out[start : start + chunk] = part / np.where(rms > ZERO_RMS, rms, 1.0)
         return out
 
     def reference_features(self, images: np.ndarray) -> np.ndarray:

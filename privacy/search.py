@@ -74,6 +74,19 @@ The k-th smallest of the current k best (exact) and of the upper ends of this ch
 references (each reference counted once) bounds the true k-th best distance from above; only
 pairs whose lower end is at or below it are evaluated exactly, in float64.
 
+**Rescaled rows.** The contrast metric's features are the pixel rows rescaled: ``c(x) =
+fl32(x / rho(x))`` elementwise, ``rho`` the row's root-mean-square (``x`` itself where it is at
+most ``ZERO_RMS``). Its dense search can reuse the pixel metric's float32 GEMM ``D = fl(x.r)``
+instead of a second one over the same reference (:func:`dense_scaled_nearest`). With
+``rho'`` the root-mean-square from the float64 squared norm (within ``drho = 2 (F + 8) u64``
+of the metric's own, relatively), every element is ``c_i = (x_i / rho'(x)) (1 + theta_i)``,
+``|theta_i| <= eta = u32 + 2 u64 + 1.01 drho``, so ``|c(x).c(r) - x.r / (rho'(x) rho'(r))| <=
+(2 eta + eta^2) |x| |r| / (rho'(x) rho'(r))``; the GEMM adds ``gamma32_F |x| |r|`` and the
+float64 rescaling of ``D`` a few ``u64``. The squared distance ``|c(x)|^2 + |c(r)|^2 - 2
+c(x).c(r)`` then lies within :func:`scaled_gemm_interval`'s bounds (norms as in the float32
+filter). A row whose ``rho'`` lies within a factor 2 of ``ZERO_RMS`` (which rule the metric
+applied is then unsure) gets an unbounded interval, so its pairs are evaluated exactly.
+
 What this module must never do: use an approximate index to skip a reference, or read files.
 """
 
@@ -103,6 +116,8 @@ __all__ = [
     "DENSE_ENTRIES",
     "exact_sq_norms",
     "evaluate_query_pairs",
+    "scaled_gemm_interval",
+    "dense_scaled_nearest",
 ]
 
 EPS_SQ = 2e-4
@@ -572,35 +587,64 @@ class ExactIndex:
         (:func:`gemm_interval`), then exact float64 distances for the pairs whose interval
         reaches down to their query's k-th smallest upper end over distinct references (the
         true k-th best distance lies at or below it)."""
-        if self._features32 is None:
-            self._features32 = np.asarray(self.features, dtype=np.float32)
         q, t, _ = var.shape
         flat = var.reshape(q * t, self.dim)
         vsq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64)
         top = TopK(q, k)
         evaluated = np.zeros(q, dtype=np.int64)
-        step = max(1, (1 << 22) // (self.n * t))
-        sub = max(1, (1 << 17) // (self.n * t))
-        for q0 in range(0, q, step):
-            q1 = min(q, q0 + step)
-            rows = slice(q0 * t, q1 * t)
-            dots = np.asarray(flat[rows], dtype=np.float32) @ self._features32.T
-            # The float64 intervals a few queries at a time: whole, they were fresh arrays
-            # of tens of MiB, and touching them cost five times their arithmetic.
-            picked = []
-            for a in range(0, q1 - q0, sub):
-                b = min(q1 - q0, a + sub)
-                lo, hi = gemm_interval(dots[a * t : b * t], vsq[q0 * t + a * t : q0 * t + b * t],
-                                       self.sq_norms, self.dim)
-                per_ref = hi.reshape(b - a, t, self.n).min(axis=1)
-                upper = np.partition(per_ref, k - 1, axis=1)[:, k - 1]
-                found = np.nonzero(lo.reshape(b - a, t, self.n) <= upper[:, None, None])
-                picked.append((found[0] + a, found[1], found[2]))
-            cq, ct, cr = (np.concatenate(c) for c in zip(*picked, strict=True))
-            sq = exact_pair_sq_distances(flat, (cq + q0) * t + ct, self.features, cr)
-            top.merge(cq + q0, cr, ct, sq)
-            evaluated[q0:q1] += np.bincount(cq, minlength=q1 - q0)
+        for q0, q1 in self._dense_steps(q, t):
+            dots = self._dense_dots(flat[q0 * t : q1 * t])
+
+            def interval(a: int, b: int, dots: np.ndarray = dots, q0: int = q0
+                         ) -> tuple[np.ndarray, np.ndarray]:
+                return gemm_interval(dots[a * t : b * t], vsq[(q0 + a) * t : (q0 + b) * t],
+                                     self.sq_norms, self.dim)
+
+            self._dense_pick(flat, t, q0, q1, interval, top, evaluated)
         return Nearest(sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=evaluated)
+
+    def _dense_steps(self, q: int, t: int) -> list[tuple[int, int]]:
+        """Blocks of queries whose GEMM with the whole reference is held at once."""
+        step = max(1, (1 << 22) // (self.n * t))
+        return [(q0, min(q, q0 + step)) for q0 in range(0, q, step)]
+
+    def _dense_dots(self, rows: np.ndarray) -> np.ndarray:
+        """The float32 GEMM of query rows with every reference row."""
+        if self._features32 is None:
+            self._features32 = np.asarray(self.features, dtype=np.float32)
+        dots: np.ndarray = np.asarray(rows, dtype=np.float32) @ self._features32.T
+        return dots
+
+    def _dense_pick(
+        self,
+        flat: np.ndarray,
+        t: int,
+        q0: int,
+        q1: int,
+        interval: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+        top: TopK,
+        evaluated: np.ndarray,
+    ) -> None:
+        """Exact distances of the pairs of queries ``q0 .. q1`` (rows of ``flat``, ``t``
+        variants each) whose interval (``interval(a, b)``: the bounds of queries ``q0 + a ..
+        q0 + b`` against every reference) reaches down to their query's k-th smallest upper
+        end over distinct references, merged into ``top``."""
+        k = top.k
+        # The float64 intervals a few queries at a time: whole, they were fresh arrays
+        # of tens of MiB, and touching them cost five times their arithmetic.
+        sub = max(1, (1 << 17) // (self.n * t))
+        picked = []
+        for a in range(0, q1 - q0, sub):
+            b = min(q1 - q0, a + sub)
+            lo, hi = interval(a, b)
+            per_ref = hi.reshape(b - a, t, self.n).min(axis=1)
+            upper = np.partition(per_ref, k - 1, axis=1)[:, k - 1]
+            found = np.nonzero(lo.reshape(b - a, t, self.n) <= upper[:, None, None])
+            picked.append((found[0] + a, found[1], found[2]))
+        cq, ct, cr = (np.concatenate(c) for c in zip(*picked, strict=True))
+        sq = exact_pair_sq_distances(flat, (cq + q0) * t + ct, self.features, cr)
+        top.merge(cq + q0, cr, ct, sq)
+        evaluated[q0:q1] += np.bincount(cq, minlength=q1 - q0)
 
     def _evaluate(
         self,
@@ -638,6 +682,97 @@ def gemm_interval(
     err = ((2.0 * gamma + slack64) * np.sqrt(vsq[:, None] * rsq[None, :])
            + slack64 * (vsq[:, None] + rsq[None, :]))
     return approx - err, approx + err
+
+
+def scaled_gemm_interval(
+    dots: np.ndarray,
+    xsq: np.ndarray,
+    rsq: np.ndarray,
+    csq_x: np.ndarray,
+    csq_r: np.ndarray,
+    f: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Proven bounds (lo, hi) on the squared distances of rescaled rows ``c(x)``, ``c(r)``
+    from the float32 GEMM ``dots`` [V, R] of the rows ``x`` and ``r`` themselves (module
+    docstring, "Rescaled rows"). ``c(x)`` is ``x`` divided by its root-mean-square (a float64
+    quotient rounded to float32), or ``x`` where that is at most ``ZERO_RMS``
+    (:class:`privacy.metrics.ContrastRMSE`). ``xsq`` [V], ``rsq`` [R]: float64 squared norms of
+    the rows; ``csq_x``, ``csq_r``: those of their rescalings; ``f``: the row length.
+    Pairs with a row whose root-mean-square is too near ``ZERO_RMS`` to tell which rule
+    applies get (-inf, inf)."""
+    from privacy.metrics import ZERO_RMS
+
+    gamma = f * _U32 / (1.0 - f * _U32) + 3.0 * _U32  # as gemm_interval
+    # The divisor from the float64 squared norm differs from the metric's own root-mean-square
+    # (another float64 sum of the same squares) by less than drho, relatively.
+    drho = 2.0 * (f + 8) * _U64
+    eta = _U32 + 2.0 * _U64 + 1.01 * drho  # per element of c: quotient, rounding, divisor
+    coef = gamma + 2.0 * eta + eta * eta + 5.0 * _U64
+    slack64 = 2.0 * (f + 4) * _U64
+
+    def divisors(sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rms = np.sqrt(sq / f)
+        div = np.where(rms > 2.0 * ZERO_RMS, rms, 1.0)
+        unsure = (rms >= 0.5 * ZERO_RMS) & (rms <= 2.0 * ZERO_RMS)
+        return div, unsure
+
+    dx, ux = divisors(xsq)
+    dr, ur = divisors(rsq)
+    scale = 1.0 / (dx[:, None] * dr[None, :])
+    dotc = dots.astype(np.float64) * scale
+    approx = csq_x[:, None] + csq_r[None, :] - 2.0 * dotc
+    # |x| |r| / (div_x div_r), rounded up for the norms' own error.
+    prod = np.sqrt(xsq[:, None] * rsq[None, :]) * scale * (1.0 + 4.0 * (f + 8) * _U64)
+    err = (2.0 * coef * prod + slack64 * (csq_x[:, None] + csq_r[None, :])
+           + 2.0 * slack64 * np.abs(dotc) + 1e-30 * (1.0 + csq_x[:, None] + csq_r[None, :]))
+    lo, hi = approx - err, approx + err
+    unsure = ux[:, None] | ur[None, :]
+    if unsure.any():
+        lo[unsure], hi[unsure] = -np.inf, np.inf
+    return lo, hi
+
+
+def dense_scaled_nearest(
+    base: ExactIndex, x: np.ndarray, scaled: ExactIndex, c: np.ndarray, k: int = 2
+) -> tuple[Nearest, Nearest]:
+    """Exact k nearest references of the queries ``x`` [Q, F] in ``base`` and of their
+    rescalings ``c`` [Q, F] in ``scaled``, from one float32 GEMM of ``x`` with ``base``'s
+    rows: ``scaled`` must hold the rescalings of ``base``'s rows (:func:`scaled_gemm_interval`;
+    the contrast metric's features are its pixel rows rescaled), both dense indexes. The
+    results equal ``base.nearest(x, k)`` and ``scaled.nearest(c, k)``: each pair's interval is
+    proven, and every pair that may be among the k best is evaluated exactly (float64)."""
+    xq = np.asarray(x)
+    cq = np.asarray(c)
+    if not (base.dense_only and scaled.dense_only):
+        raise GuardError("a shared GEMM needs two dense indexes", "reference", 1)
+    if (base.n, base.dim) != (scaled.n, scaled.dim) or xq.shape != cq.shape \
+            or xq.ndim != 2 or xq.shape[1] != base.dim:
+        raise GuardError(f"queries {xq.shape} / {cq.shape} do not match the references",
+                         "queries", 2)
+    q = xq.shape[0]
+    k = max(1, min(k, base.n))
+    xsq = np.einsum("ij,ij->i", xq, xq, dtype=np.float64)
+    csq = np.einsum("ij,ij->i", cq, cq, dtype=np.float64)
+    tops = (TopK(q, k), TopK(q, k))
+    evaluated = (np.zeros(q, dtype=np.int64), np.zeros(q, dtype=np.int64))
+    for q0, q1 in base._dense_steps(q, 1):
+        dots = base._dense_dots(xq[q0:q1])
+
+        def plain(a: int, b: int, dots: np.ndarray = dots, q0: int = q0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+            return gemm_interval(dots[a:b], xsq[q0 + a : q0 + b], base.sq_norms, base.dim)
+
+        def rescaled(a: int, b: int, dots: np.ndarray = dots, q0: int = q0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+            return scaled_gemm_interval(dots[a:b], xsq[q0 + a : q0 + b], base.sq_norms,
+                                        csq[q0 + a : q0 + b], scaled.sq_norms, base.dim)
+
+        base._dense_pick(xq, 1, q0, q1, plain, tops[0], evaluated[0])
+        scaled._dense_pick(cq, 1, q0, q1, rescaled, tops[1], evaluated[1])
+    return tuple(  # type: ignore[return-value]
+        Nearest(sq=top.sq, index=top.index, variant=top.variant[:, 0], evaluated=ev)
+        for top, ev in zip(tops, evaluated, strict=True)
+    )
 
 
 def _refine_pairs(

@@ -12,13 +12,16 @@ from hypothesis import strategies as st
 from privacy import search
 from privacy.errors import GuardError
 from privacy.guard import Guard
-from privacy.metrics import PixelRMSE, ShiftFlipDistance
+from privacy.metrics import ZERO_RMS, ContrastRMSE, PixelRMSE, ShiftFlipDistance
 from privacy.search import (
     EPS_SQ,
     ExactIndex,
     brute_force_nearest,
+    dense_scaled_nearest,
     exact_pair_sq_distances,
     exact_sq_distances,
+    exact_sq_norms,
+    scaled_gemm_interval,
 )
 
 
@@ -190,9 +193,10 @@ def test_guard_decisions_equal_brute_force_on_random_images(seed: int, thr: floa
     ref = np.kron(base, np.ones((1, 4, 4))).astype(np.float32)
     cand = ref[rng.integers(0, 30, 12)] + rng.normal(0, 0.1, (12, 16, 16)).astype(np.float32)
     cand = np.clip(cand, 0, 1)
-    metrics = [PixelRMSE(), ShiftFlipDistance(2)]
-    thresholds = {"pixel_rmse": thr, "shift_flip": thr * 0.8}
+    metrics = [PixelRMSE(), ContrastRMSE(), ShiftFlipDistance(2)]
+    thresholds = {"pixel_rmse": thr, "contrast_rmse": thr * 1.5, "shift_flip": thr * 0.8}
     guard = Guard(metrics, ref, thresholds, n_components=8)
+    assert guard.rescales == {"contrast_rmse": "pixel_rmse"}  # one GEMM for both
     screening = guard.screen(cand)
     brute = _brute_decisions(metrics, ref, cand, thresholds)
     np.testing.assert_array_equal(screening.accepted, brute)
@@ -232,12 +236,15 @@ def test_guard_decisions_equal_brute_force_on_real_slices(real_slices, seed: int
             for _ in range(4)]
     cand += [rest[i] for i in range(min(4, len(rest)))]
     images = np.stack(cand)
-    metrics = [PixelRMSE(), ShiftFlipDistance(2)]
-    d0 = brute_force_nearest(metrics[0].query_variants(images), metrics[0].reference_features(ref))
-    # A threshold in the middle of the candidates' distances makes both outcomes happen.
-    thr = float(np.median(np.sqrt(d0.sq[:, 0]) / 64))
-    thresholds = {"pixel_rmse": thr, "shift_flip": thr * 0.8}
+    metrics = [PixelRMSE(), ContrastRMSE(), ShiftFlipDistance(2)]
+    # Thresholds in the middle of the candidates' distances make both outcomes happen.
+    thresholds = {}
+    for m in metrics[:2]:
+        near = brute_force_nearest(m.query_variants(images), m.reference_features(ref))
+        thresholds[m.name] = float(np.median(np.sqrt(near.sq[:, 0]) / 64))
+    thresholds["shift_flip"] = thresholds["pixel_rmse"] * 0.8
     guard = Guard(metrics, ref, thresholds, n_components=16)
+    assert guard.rescales == {"contrast_rmse": "pixel_rmse"}
     screening = guard.screen(images)
     brute = _brute_decisions(metrics, ref, images, thresholds)
     np.testing.assert_array_equal(screening.accepted, brute)
@@ -291,3 +298,62 @@ def test_dense_index_equals_brute_force_for_any_number_of_variants(problem) -> N
 def test_dense_index_refuses_a_large_reference() -> None:
     with patch.object(search, "DENSE_ENTRIES", 10), pytest.raises(GuardError, match="too large"):
         ExactIndex.dense(np.zeros((3, 4), dtype=np.float32))
+
+
+def _rescaling_problem(seed: int, n: int, f: int, dtype):  # type: ignore[no-untyped-def]
+    """Rows, queries among them re-scaled or slightly altered copies (distances near 0,
+    where the expansion cancels most), all-black rows and rows whose root-mean-square sits
+    at ``ZERO_RMS`` and near it (which rule applies is decided by rounding)."""
+    rng = np.random.default_rng(seed)
+    ref = (rng.random((n, f)) ** rng.uniform(0.5, 3.0, (n, 1))).astype(dtype)
+    ref[0] = 0.0
+    ref[1] = ZERO_RMS * rng.uniform(0.3, 3.0)
+    picks = rng.integers(0, n, 9)
+    x = ref[picks].astype(np.float64) * rng.uniform(0.5, 2.0, (9, 1))
+    x[3:6] += rng.normal(0, 1e-6, (3, f))
+    x = np.concatenate([x, rng.random((3, f)), np.zeros((1, f)),
+                        np.full((1, f), ZERO_RMS * 1.0000001)]).astype(np.float32)
+    return ref, x
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(3, 40), st.sampled_from([16, 257, 4096]),
+       st.sampled_from([np.float16, np.float32]))
+def test_rescaled_interval_holds_every_exact_contrast_distance(seed, n, f, dtype) -> None:  # type: ignore[no-untyped-def]
+    ref, x = _rescaling_problem(seed, n, f, dtype)
+    contrast = ContrastRMSE()
+    cx = contrast._unit_rms(x)
+    cr = contrast._unit_rms(ref)
+    x32, r32 = x.astype(np.float32), ref.astype(np.float32)
+    lo, hi = scaled_gemm_interval(x32 @ r32.T, exact_sq_norms(x32), exact_sq_norms(r32),
+                                  exact_sq_norms(cx), exact_sq_norms(cr), f)
+    exact = np.stack([exact_sq_distances(row, cr) for row in cx])
+    assert np.all(lo <= exact) and np.all(exact <= hi)
+    finite = np.isfinite(hi)
+    # Not vacuous: a bounded interval is narrow next to the features' own scale (|c|^2 = f).
+    assert finite.mean() > 0.5
+    assert np.all(hi[finite] - lo[finite] <= 1e-2 * f + 1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(3, 40), st.sampled_from([16, 257, 4096]),
+       st.sampled_from([np.float16, np.float32]), st.integers(1, 3))
+def test_shared_gemm_search_equals_brute_force_for_both_metrics(seed, n, f, dtype, k) -> None:  # type: ignore[no-untyped-def]
+    ref, x = _rescaling_problem(seed, n, f, dtype)
+    contrast = ContrastRMSE()
+    cx, cr = contrast._unit_rms(x), contrast._unit_rms(ref)
+    pixels, scaled = ExactIndex.dense(ref), ExactIndex.dense(cr)
+    got_x, got_c = dense_scaled_nearest(pixels, x, scaled, cx, k=k)
+    _assert_same(got_x, brute_force_nearest(x[:, None], ref, k=k))
+    _assert_same(got_c, brute_force_nearest(cx[:, None], cr, k=k))
+    _assert_same(got_c, scaled.nearest(cx[:, None], k=k))
+    assert got_c.evaluated.sum() < x.shape[0] * n or n <= 3  # the filter did prune
+
+
+def test_shared_gemm_refuses_indexes_that_do_not_match() -> None:
+    ref = np.random.default_rng(0).random((5, 8)).astype(np.float32)
+    c = ContrastRMSE()._unit_rms(ref)
+    with pytest.raises(GuardError, match="do not match"):
+        dense_scaled_nearest(ExactIndex.dense(ref), ref[:, :4], ExactIndex.dense(c), c[:, :4])
+    with pytest.raises(GuardError, match="two dense indexes"):
+        dense_scaled_nearest(ExactIndex(ref, n_components=2), ref, ExactIndex.dense(c), c)
