@@ -129,9 +129,10 @@ class Guard:
     ) -> None:
         """``index_factory(feature_space, features, layout)``, when given, supplies each exact
         index (a cache of them, say); it must return an index of exactly those features.
-        ``features_factory(metric, reference)``, when given, supplies each metric's reference
-        features (a cache of :attr:`Metric.costly_features` ones, say); it must return exactly
-        ``metric.reference_features(reference)``. ``tile_factory(metric, features,
+        ``features_factory(metric, reference)``, when given, supplies the reference features
+        of each :attr:`Metric.costly_features` metric (a cache of them, say); it must return
+        exactly ``metric.reference_features(reference)``. Other metrics' features are
+        :meth:`Metric.reference_rows` (rows made when read, where that is cheap). ``tile_factory(metric, features,
         window_shape)``, when given, supplies each tile index (kept between runs, say).
         ``workers``: threads of :meth:`screen` (default: as many as BLAS would use, i.e.
         ``OMP_NUM_THREADS``)."""
@@ -160,8 +161,8 @@ class Guard:
         self.tile_indexes: dict[str, TileIndex] = {}
 
         def features(m: Metric) -> np.ndarray:
-            if features_factory is None:
-                return m.reference_features(ref)
+            if features_factory is None or not m.costly_features:
+                return m.reference_rows(ref)
             feats = np.asarray(features_factory(m, ref))
             if feats.ndim != 2 or feats.shape[0] != ref.shape[0]:
                 raise GuardError(f"features of {m.name} do not match the reference", "guard", 1)

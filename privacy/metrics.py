@@ -176,6 +176,12 @@ class Metric(ABC):
     def reference_features(self, images: np.ndarray) -> np.ndarray:
         """[N, F] features of reference images (float16/32 kept, others float32)."""
 
+    def reference_rows(self, images: np.ndarray) -> np.ndarray:
+        """:meth:`reference_features`, or where each row is cheap to make from its image
+        alone, a :class:`privacy.search.DerivedRows` of them made when read (the guard reads
+        few rows of those)."""
+        return self.reference_features(images)
+
     @abstractmethod
     def query_variants(self, images: np.ndarray) -> np.ndarray:
         """[Q, T, F] variants of query images; the distance is the minimum over them."""
@@ -257,6 +263,13 @@ class ContrastRMSE(Metric):
     def reference_features(self, images: np.ndarray) -> np.ndarray:
         return self._unit_rms(np.asarray(images))
 
+    def reference_rows(self, images: np.ndarray) -> np.ndarray:
+        from privacy.search import DerivedRows
+
+        arr = np.asarray(images)
+        return DerivedRows(arr, self._unit_rms, int(np.prod(arr.shape[1:])),  # type: ignore[return-value]
+                           np.float32)
+
     def query_variants(self, images: np.ndarray) -> np.ndarray:
         arr = check_images(images)
         return self._unit_rms(arr).reshape(arr.shape[0], 1, -1)
@@ -321,6 +334,14 @@ class ShiftFlipDistance(Metric):
         wh, ww = self._window(arr.shape)
         s = self.max_shift_px
         return np.ascontiguousarray(arr[:, s : s + wh, s : s + ww]).reshape(arr.shape[0], -1)
+
+    def reference_rows(self, images: np.ndarray) -> np.ndarray:
+        from privacy.search import DerivedRows
+
+        arr = np.asarray(images)
+        wh, ww = self._window(arr.shape)
+        dtype = arr.dtype if arr.dtype in (np.float16, np.float32) else np.float32
+        return DerivedRows(arr, self.reference_features, wh * ww, dtype)  # type: ignore[return-value]
 
     def windows(self, images: np.ndarray) -> Windows:
         arr = check_images(images)

@@ -118,6 +118,7 @@ __all__ = [
     "evaluate_query_pairs",
     "scaled_gemm_interval",
     "dense_scaled_nearest",
+    "DerivedRows",
 ]
 
 EPS_SQ = 2e-4
@@ -229,7 +230,45 @@ class Nearest:
         )
 
 
+class DerivedRows:
+    """A reference feature matrix [N, F] whose rows are made when they are read:
+    ``make(source[rows])`` for an integer array or a slice of rows, each row from its own
+    source row alone, so any subset gives the rows of the whole matrix bit for bit.
+
+    The searches read only a few rows of a feature space (the exact distances of candidate
+    pairs) plus their norms, computed a block at a time; making every row at once was a fresh
+    array of tens of MiB per run (the window crops, the contrast features), whose page faults
+    cost more than the arithmetic. ``np.asarray`` makes the whole matrix."""
+
+    ndim = 2
+
+    def __init__(self, source: np.ndarray, make: Callable[[np.ndarray], np.ndarray], dim: int,
+                 dtype: Any) -> None:
+        self.source = source
+        self.make = make
+        self.shape = (int(source.shape[0]), int(dim))
+        self.dtype = np.dtype(dtype)
+        self.size = self.shape[0] * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        out = np.asarray(self.make(self.source[rows]))
+        if out.ndim != 2 or out.shape[1] != self.shape[1] or out.dtype != self.dtype:
+            raise GuardError(f"derived rows of shape {out.shape} / {out.dtype}", "reference", 1)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[slice(None)]
+        return whole if dtype is None else whole.astype(dtype)
+
+
 def as_feature_matrix(features: np.ndarray, where: str) -> np.ndarray:
+    if isinstance(features, DerivedRows):
+        if features.shape[1] > MAX_DIM:
+            raise GuardError(f"feature dimension {features.shape[1]} above {MAX_DIM}", where, 2)
+        return features  # rows on demand, read like an array
     arr = np.asarray(features)
     if arr.ndim != 2:
         raise GuardError(f"expected a [N, F] matrix, found {arr.shape}", where, 2)

@@ -184,8 +184,11 @@ def test_guard_refuses_to_be_built_or_used_without_what_its_promise_needs() -> N
         assert err.value.what.startswith(message), (message, err.value.what)
     with pytest.raises(GuardError, match="workers must be >= 1"):
         Guard([pixel], ref, ok, workers=0)
-    with pytest.raises(GuardError, match="features of pixel_rmse do not match the reference"):
-        Guard([pixel, shift], ref, ok, features_factory=lambda m, r: np.zeros((2, 256)))
+    # The factory supplies the costly features (the embedding's, kept between runs).
+    emb = EmbeddingDistance(lambda x: x.reshape(len(x), -1)[:, :8], {"encoder_sha256": "0" * 64})
+    with pytest.raises(GuardError, match="features of embedding do not match the reference"):
+        Guard([pixel, emb], ref, {**ok, "embedding": 0.1},
+              features_factory=lambda m, r: np.zeros((2, 8)))
     guard = Guard([pixel, shift], ref, ok)
     with pytest.raises(GuardError, match=r"candidates are \(8, 8\), the reference is \(16, 16\)"):
         guard.screen(np.zeros((1, 8, 8), np.float32))
