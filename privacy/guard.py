@@ -132,8 +132,9 @@ class Guard:
         ``features_factory(metric, reference)``, when given, supplies the reference features
         of each :attr:`Metric.costly_features` metric (a cache of them, say); it must return
         exactly ``metric.reference_features(reference)``. Other metrics' features are
-        :meth:`Metric.reference_rows` (rows made when read, where that is cheap). ``tile_factory(metric, features,
-        window_shape)``, when given, supplies each tile index (kept between runs, say).
+        :meth:`Metric.reference_rows` (rows made when read, where that is cheap).
+        ``tile_factory(metric, features, window_shape)``, when given, supplies each tile
+        index (kept between runs, say).
         ``workers``: threads of :meth:`screen` (default: as many as BLAS would use, i.e.
         ``OMP_NUM_THREADS``)."""
         if not metrics:
