@@ -126,6 +126,7 @@ class Guard:
         features_factory: Callable[[Metric, np.ndarray], np.ndarray] | None = None,
         workers: int | None = None,
         tile_factory: Callable[[Metric, np.ndarray, tuple[int, int]], TileIndex] | None = None,
+        dense_factory: Callable[[Metric, np.ndarray], ExactIndex] | None = None,
     ) -> None:
         """``index_factory(feature_space, features, layout)``, when given, supplies each exact
         index (a cache of them, say); it must return an index of exactly those features.
@@ -134,7 +135,9 @@ class Guard:
         exactly ``metric.reference_features(reference)``. Other metrics' features are
         :meth:`Metric.reference_rows` (rows made when read, where that is cheap).
         ``tile_factory(metric, features, window_shape)``, when given, supplies each tile
-        index (kept between runs, say).
+        index (kept between runs, say). ``dense_factory(metric, features)``, when given,
+        supplies each dense index of a one-variant metric (its rows' norms kept, say); it
+        must return ``ExactIndex.dense(features)`` or an equal one.
         ``workers``: threads of :meth:`screen` (default: as many as BLAS would use, i.e.
         ``OMP_NUM_THREADS``)."""
         if not metrics:
@@ -185,9 +188,13 @@ class Guard:
                 feats = features(m)
                 layout = index_layout(m.n_variants(), n_components)
                 if m.n_variants() == 1 and feats.size <= DENSE_ENTRIES:
-                    # A small reference: one GEMM per batch beats any projection, and there is
-                    # nothing to build or keep.
-                    self.indexes[m.feature_space] = ExactIndex.dense(feats)
+                    # A small reference: one GEMM per batch beats any projection; only the
+                    # rows' norms to build (or keep).
+                    dense = (ExactIndex.dense(feats) if dense_factory is None
+                             else dense_factory(m, feats))
+                    if not dense.dense_only or (dense.n, dense.dim) != feats.shape:
+                        raise GuardError(f"index of {m.feature_space} does not match", "guard", 1)
+                    self.indexes[m.feature_space] = dense
                     continue
                 if index_factory is not None:
                     index = index_factory(m.feature_space, feats, layout)

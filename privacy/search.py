@@ -177,6 +177,23 @@ def exact_sq_norms(rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def _kept_norms(features: np.ndarray, sq_norms: np.ndarray) -> np.ndarray:
+    """``sq_norms`` kept for ``features`` [N, F], after checking shape, finite values and the
+    norms of 16 rows spread over the reference (recomputed; they may differ by rounding, well
+    within the error the intervals allow for norms, and from other features by far more)."""
+    norms = np.asarray(sq_norms)
+    n, f = features.shape
+    if norms.dtype != np.float64 or norms.shape != (n,):
+        raise GuardError(f"kept norms of shape {norms.shape} / {norms.dtype}", "reference", 1)
+    if not np.all(np.isfinite(norms)) or np.any(norms < 0):
+        raise GuardError("kept norms hold negative or non-finite values", "reference", 1)
+    rows = np.unique(np.linspace(0, n - 1, min(n, 16)).astype(np.int64))
+    fresh = exact_sq_norms(features[rows])
+    if not np.allclose(norms[rows], fresh, rtol=4.0 * (f + 4) * _U64, atol=1e-300):
+        raise GuardError("kept norms belong to other features", "reference", 1)
+    return norms
+
+
 def exact_pair_sq_distances(
     variants: np.ndarray, vrows: np.ndarray, features: np.ndarray, frows: np.ndarray
 ) -> np.ndarray:
@@ -429,10 +446,12 @@ class ExactIndex:
         self._set_projection(aug, norms.astype(np.float32))
 
     @classmethod
-    def dense(cls, features: np.ndarray) -> ExactIndex:
+    def dense(cls, features: np.ndarray, sq_norms: np.ndarray | None = None) -> ExactIndex:
         """An index without projection: every query by the dense path (one float32 GEMM with
         proven intervals, then float64), the fastest exact search for a small reference.
-        Refused above ``2^26`` reference entries, where it would hold too much at once."""
+        Refused above ``2^26`` reference entries, where it would hold too much at once.
+        ``sq_norms``: the rows' float64 squared norms kept from an earlier build (checked on
+        16 rows spread over the reference; computed when not given)."""
         feats = as_feature_matrix(features, "reference")
         if feats.shape[0] == 0:
             raise GuardError("the reference is empty", "reference", 2)
@@ -443,7 +462,7 @@ class ExactIndex:
         self.bases = []
         self.dense_only = True
         self.chunk_rows = 8192
-        self.sq_norms = exact_sq_norms(feats)
+        self.sq_norms = exact_sq_norms(feats) if sq_norms is None else _kept_norms(feats, sq_norms)
         self._features32 = None
         return self
 
@@ -456,8 +475,9 @@ class ExactIndex:
         :meth:`from_state` rebuilds the index from the same features and this state without
         projecting the reference again.
         """
-        if self.dense_only:
-            raise GuardError("a dense index has no projection to keep", "reference", 1)
+        if self.dense_only:  # only the rows' squared norms, a pass over the whole reference
+            return {"version": np.array(SEARCH_VERSION), "dense": np.array(1),
+                    "shape": np.array([self.n, self.dim]), "sq_norms": self.sq_norms}
         return {
             "version": np.array(SEARCH_VERSION),
             "shape": np.array([self.n, self.dim]),
@@ -490,6 +510,11 @@ class ExactIndex:
             raise bad(f"version {int(state['version'])}, this code writes {SEARCH_VERSION}")
         if [int(v) for v in state["shape"]] != [n, f]:
             raise bad(f"built for {list(state['shape'])}, the reference is {[n, f]}")
+        if "dense" in state:
+            try:
+                return cls.dense(feats, sq_norms=state["sq_norms"])
+            except GuardError as exc:
+                raise bad(exc.what) from None
         bounds = np.asarray(state["bounds"], dtype=np.int64)
         groups = np.asarray(state["group_bounds"], dtype=np.int64)
         rows = np.asarray(state["basis_rows"], dtype=np.int64)

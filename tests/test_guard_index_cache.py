@@ -7,9 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.guard.calibration import cached_features, cached_index, cached_tile_index
+from node.guard.calibration import (
+    cached_dense_index,
+    cached_features,
+    cached_index,
+    cached_tile_index,
+)
 from privacy.errors import GuardError
-from privacy.metrics import EmbeddingDistance, PixelRMSE, ShiftFlipDistance
+from privacy.metrics import ContrastRMSE, EmbeddingDistance, PixelRMSE, ShiftFlipDistance
 from privacy.search import ExactIndex, brute_force_nearest
 from privacy.tiles import TileIndex
 from protocols.files import sha256_hex
@@ -225,3 +230,76 @@ def test_tile_index_state_differing_by_rounding_is_kept_and_a_changed_slice_is_n
     changed[0, 0] += np.float32(0.05)  # one pixel of the first (spot-checked) reference
     with pytest.raises(GuardError, match="built on other features"):
         TileIndex.from_state(changed, state)
+
+
+def _dense_problem() -> tuple[ContrastRMSE, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(4)
+    images = rng.random((70, 16, 16)).astype(np.float32)
+    metric = ContrastRMSE()
+    queries = metric.query_variants(images[:4] * 0.8 + 0.05)
+    return metric, images, metric.reference_rows(images), queries
+
+
+def test_dense_norms_are_kept_and_answer_like_a_fresh_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import privacy.search as search
+
+    metric, images, rows, queries = _dense_problem()
+    first = cached_dense_index(tmp_path, "digest", metric, rows)
+    assert len(list(tmp_path.glob("dense-*.npz"))) == 1
+    real = search.exact_sq_norms
+    counted: list[int] = []
+
+    def counting(block: np.ndarray) -> np.ndarray:
+        counted.append(len(block))
+        return real(block)
+
+    monkeypatch.setattr(search, "exact_sq_norms", counting)
+    second = cached_dense_index(tmp_path, "digest", metric, rows)
+    assert counted == [16]  # the spot check only, not every row
+    np.testing.assert_array_equal(second.sq_norms, first.sq_norms)
+    whole = metric.reference_features(images)
+    want = brute_force_nearest(queries, whole, k=2)
+    got = second.nearest(queries, k=2)
+    np.testing.assert_array_equal(got.sq, want.sq)
+    np.testing.assert_array_equal(got.index, want.index)
+
+
+def test_dense_norms_of_another_reference_or_metric_are_not_reused(tmp_path: Path) -> None:
+    metric, images, rows, _ = _dense_problem()
+    cached_dense_index(tmp_path, "digest-1", metric, rows)
+    other = metric.reference_rows(images[::-1].copy())
+    index = cached_dense_index(tmp_path, "digest-2", metric, other)
+    np.testing.assert_array_equal(index.sq_norms,
+                                  ExactIndex.dense(np.asarray(other)).sq_norms)
+    assert len(list(tmp_path.glob("dense-*.npz"))) == 1  # the stale one was removed
+    cached_dense_index(tmp_path, "digest-2", PixelRMSE(), PixelRMSE().reference_features(images))
+    assert len(list(tmp_path.glob("dense-*.npz"))) == 2  # one per feature space
+
+
+@pytest.mark.parametrize("damage", ["version", "shape", "nan", "negative", "other features"])
+def test_dense_state_is_refused_when_it_does_not_fit(damage: str) -> None:
+    metric, images, rows, _ = _dense_problem()
+    state = ExactIndex.dense(rows).state()
+    target = rows
+    if damage == "version":
+        state["version"] = np.array(99)
+    elif damage == "shape":
+        state["sq_norms"] = state["sq_norms"][:-1]
+    elif damage in ("nan", "negative"):
+        state["sq_norms"] = state["sq_norms"].copy()
+        state["sq_norms"][7] = np.nan if damage == "nan" else -1.0
+    else:
+        target = PixelRMSE().reference_features(images)  # same shape, other rows
+    with pytest.raises(GuardError, match="cached search index refused"):
+        ExactIndex.from_state(target, state)
+
+
+def test_a_guard_refuses_a_dense_factory_that_does_not_fit() -> None:
+    from privacy.guard import Guard
+
+    metric, images, _, _ = _dense_problem()
+    with pytest.raises(GuardError, match="index of pixels_unit_rms does not match"):
+        Guard([metric], images, {"contrast_rmse": 0.1},
+              dense_factory=lambda m, f: ExactIndex.dense(np.zeros((3, 256), np.float32)))

@@ -291,8 +291,10 @@ def test_dense_index_equals_brute_force_for_any_number_of_variants(problem) -> N
     ref, var, k, *_ = problem
     index = ExactIndex.dense(ref)
     _assert_same(index.nearest(var, k=k), brute_force_nearest(var, ref, k=k))
-    with pytest.raises(GuardError, match="no projection"):
-        index.state()
+    kept = ExactIndex.from_state(ref, index.state())  # a dense index keeps its norms
+    assert kept.dense_only
+    np.testing.assert_array_equal(kept.sq_norms, index.sq_norms)
+    _assert_same(kept.nearest(var, k=k), brute_force_nearest(var, ref, k=k))
 
 
 def test_dense_index_refuses_a_large_reference() -> None:
