@@ -540,22 +540,29 @@ def run_cost(args: argparse.Namespace) -> None:
 
     if args.numpy_hugepages:  # the A/B's other arm: numpy's own huge-page advice kept
         os.environ["NUMPY_MADVISE_HUGEPAGE"] = "1"
+    if args.gc_default:  # the A/B's other arm: the collector walks every object
+        os.environ["SYNTHFED_GC_FREEZE"] = "0"
     paths = resolve_home(args.home)
     config = load_node_config(paths)
     t0 = time.perf_counter()
     prepare_guard(paths, config, progress=False)
     prepare_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     run = generate_and_screen(paths, config, args.count, seed=args.seed, progress=False,
                               search_rejected=args.search_rejected)
+    whole_s = time.perf_counter() - t0
     timing = run.report["timing_s"]
     figure = timing["report_figure"]
     ratio = timing["guard"] / timing["sampling"]
     flag = (" --search-rejected" if args.search_rejected else "") + (
-        " --numpy-hugepages" if args.numpy_hugepages else "")
+        " --numpy-hugepages" if args.numpy_hugepages else "") + (
+        " --gc-default" if args.gc_default else "")
     window = ("every image (--search-rejected)" if args.search_rejected
               else "only the images no one-variant metric rejected (the default)")
     pages = ("kept (--numpy-hugepages)" if args.numpy_hugepages
              else "off during the run (the default)")
+    freeze = ("not frozen (--gc-default)" if args.gc_default
+              else "frozen during the run (the default)")
     ratio_all = (timing["guard"] + figure) / timing["sampling"]
     tried = run.report["candidates_tried"]
     section = f"""
@@ -564,7 +571,8 @@ def run_cost(args: argparse.Namespace) -> None:
 - machine: {_machine()}
 - command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
   bench/bench_guard.py cost --home {args.home} --count {args.count} --seed {args.seed}{flag}`
-- window search: {window}; numpy's huge-page advice for new arrays: {pages}
+- window search: {window}; numpy's huge-page advice for new arrays: {pages}; objects
+  that exist when the run starts: {freeze}
 - home: {args.label or "not described (no --label given)"}
 - guard preparation before the run (reference, calibration, encoder; kept after the first
   run): {prepare_s:.1f} s
@@ -572,6 +580,8 @@ def run_cost(args: argparse.Namespace) -> None:
   sampling {timing["sampling"]:.2f} s, guard {timing["guard"]:.2f} s (every metric, the run's
   canaries, and the run's own loading of the guard: reference, calibration, kept indexes and
   features); search threads {blas_threads()}: guard / sampling = {ratio:.1%}
+- the whole run (loading the generator, sampling, guard, writing the run folder):
+  {whole_s:.2f} s
 - the run's report figure (distance histograms, drawn once per run): {figure:.2f} s;
   guard and figure together / sampling = {ratio_all:.1%}
 """
@@ -814,6 +824,8 @@ def main() -> None:
                    help="search the window metric for every image, as before 2026-12-07")
     c.add_argument("--numpy-hugepages", action="store_true",
                    help="keep numpy's huge-page advice during the run, as before 2026-12-07")
+    c.add_argument("--gc-default", action="store_true",
+                   help="no gc.freeze during the run, as before 2026-12-07 21:40")
     c = sub.add_parser("skip")
     c.add_argument("--home", required=True)
     c.add_argument("--count", type=int, default=64)

@@ -102,6 +102,39 @@ def test_a_run_uses_small_pages_and_restores_numpy_setting(
         setter(before)
 
 
+def test_a_run_keeps_existing_objects_out_of_full_collections_and_restores(
+    home: NodePaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from node.guard.run import frozen_heap
+
+    frozen: list[int] = []
+
+    def sampler(n: int, seed: int) -> np.ndarray:
+        frozen.append(gc.get_freeze_count())
+        return Recorder(home)(n, seed)
+
+    monkeypatch.delenv("SYNTHFED_GC_FREEZE", raising=False)
+    assert gc.get_freeze_count() == 0
+    generate_and_screen(home, load_node_config(home), 3, seed=9, sampler=sampler,
+                        progress=False)
+    assert frozen and min(frozen) > 1000  # the imported modules' objects, at least
+    assert gc.get_freeze_count() == 0  # unfrozen afterwards
+    with frozen_heap(), frozen_heap():  # nested: only the outermost end unfreezes
+        pass
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() > 0
+    monkeypatch.setenv("SYNTHFED_GC_FREEZE", "0")  # the user's choice wins
+    frozen.clear()
+    generate_and_screen(home, load_node_config(home), 3, seed=9, sampler=sampler,
+                        progress=False)
+    assert frozen == [0] * len(frozen) and frozen
+
+
 def test_canaries_are_never_exported(home: NodePaths) -> None:
     config = load_node_config(home)
     sampler = Recorder(home)
