@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -52,6 +52,7 @@ from machine import CpuShare, machine_line  # noqa: E402
 SHARE = CpuShare()  # other processes' CPU use, from import to each record
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "bench" / "RESULTS.md"
+_T = TypeVar("_T")
 
 
 def _machine() -> str:
@@ -695,6 +696,36 @@ def run_metrics(args: argparse.Namespace) -> None:
 # ---- skipping the window search of images already rejected, in one run -----------------
 
 
+def _alternated(repeats: int, run: Callable[[bool], _T]) -> tuple[dict[bool, list[float]],
+                                                                   dict[bool, _T]]:
+    """``run(arm)`` for the arms True and False, ``repeats`` times each, the order alternated:
+    the seconds of every run per arm, and each arm's last result."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    last: dict[bool, _T] = {}
+    for rep in range(repeats):
+        for arm in ((True, False) if rep % 2 == 0 else (False, True)):
+            t0 = time.perf_counter()
+            last[arm] = run(arm)
+            times[arm].append(time.perf_counter() - t0)
+    return times, last
+
+
+def _in_process_header(args: argparse.Namespace, sub: str, state: Any, sampling: float) -> str:
+    """Machine, command and home lines of an A/B of one run's screening in one process."""
+    return f"""- machine: {_machine()}
+- command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
+  bench/bench_guard.py {sub} --home {args.home} --count {args.count} --seed {args.seed}
+  --repeats {args.repeats}`
+- home: {args.label or "not described (no --label given)"}; {len(state.reference.records):,}
+  reference slices; {args.count} generator samples ({sampling:.2f} s to sample) and the
+  run's canaries, screened {args.repeats} times each way, alternating (guard built once,
+  outside the times)"""
+
+
+def _runs(times: list[float]) -> str:
+    return ", ".join(f"{t:.3f}" for t in times)
+
+
 def run_skip(args: argparse.Namespace) -> None:
     """A run's screening (samples plus its canaries) with and without the window search of
     images a one-variant metric already rejected, alternated in one process: seconds, ratio,
@@ -703,35 +734,25 @@ def run_skip(args: argparse.Namespace) -> None:
 
     state, modality, samples, sampling = _home_samples(args)
     screen_with_canaries(state, modality, samples[:4], args.seed)  # build, first calls
-    times: dict[bool, list[float]] = {False: [], True: []}
-    outcome: dict[bool, tuple[np.ndarray, np.ndarray, dict[str, int]]] = {}
-    for rep in range(args.repeats):
-        for every in ((False, True) if rep % 2 == 0 else (True, False)):
-            t0 = time.perf_counter()
-            cand, canaries = screen_with_canaries(state, modality, samples, args.seed, every)
-            times[every].append(time.perf_counter() - t0)
-            caught = np.asarray([r["caught"] for r in canaries.rates.values()])
-            outcome[every] = (cand.accepted, caught, cand.searched())
+
+    def screen(every: bool) -> tuple[np.ndarray, np.ndarray, dict[str, int], int]:
+        cand, canaries = screen_with_canaries(state, modality, samples, args.seed, every)
+        caught = np.asarray([r["caught"] for r in canaries.rates.values()])
+        planted = sum(int(r["planted"]) for r in canaries.rates.values())
+        return cand.accepted, caught, cand.searched(), planted
+
+    times, outcome = _alternated(args.repeats, screen)
     same = bool(np.array_equal(outcome[False][0], outcome[True][0])
                 and np.array_equal(outcome[False][1], outcome[True][1]))
     quick, full = float(np.median(times[False])), float(np.median(times[True]))
-    planted = sum(int(r["planted"]) for r in canaries.rates.values())
     section = f"""
 ## Guard: skipping the window search of images already rejected, A/B in one run \
 ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)
 
-- machine: {_machine()}
-- command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
-  bench/bench_guard.py skip --home {args.home} --count {args.count} --seed {args.seed}
-  --repeats {args.repeats}`
-- home: {args.label or "not described (no --label given)"}; {len(state.reference.records):,}
-  reference slices; {args.count} generator samples ({sampling:.2f} s to sample) and the
-  run's {planted} canaries, screened {args.repeats} times each way, alternating (guard built
-  once, outside the times)
-- window search of every image: median {full:.3f} s (runs {", ".join(f"{t:.3f}" for t in
-  times[True])})
+{_in_process_header(args, "skip", state, sampling)}; {outcome[True][3]} canaries
+- window search of every image: median {full:.3f} s (runs {_runs(times[True])})
 - window search only of images no one-variant metric rejected (the default): median
-  {quick:.3f} s (runs {", ".join(f"{t:.3f}" for t in times[False])});
+  {quick:.3f} s (runs {_runs(times[False])});
   **{full / quick:.2f}x** faster, {1 - quick / full:.0%} less; window search of
   {outcome[False][2].get("shift_flip", 0)} of {args.count} samples
 - same decisions for every sample and canary: {same}
@@ -755,15 +776,13 @@ def run_shared(args: argparse.Namespace) -> None:
     guard = state.guard(modality)
     paired = dict(guard.rescales)
     screen_with_canaries(state, modality, samples[:4], args.seed)  # build, first calls
-    times: dict[bool, list[float]] = {False: [], True: []}
-    outcome = {}
-    for rep in range(args.repeats):
-        for shared in ((True, False) if rep % 2 == 0 else (False, True)):
-            guard.rescales = dict(paired) if shared else {}
-            t0 = time.perf_counter()
-            cand, canaries = screen_with_canaries(state, modality, samples, args.seed)
-            times[shared].append(time.perf_counter() - t0)
-            outcome[shared] = (cand, [r["caught"] for r in canaries.rates.values()])
+
+    def screen(shared: bool) -> tuple[Any, list[int]]:
+        guard.rescales = dict(paired) if shared else {}
+        cand, canaries = screen_with_canaries(state, modality, samples, args.seed)
+        return cand, [int(r["caught"]) for r in canaries.rates.values()]
+
+    times, outcome = _alternated(args.repeats, screen)
     guard.rescales = paired
     a, b = outcome[True][0], outcome[False][0]
     same = bool(np.array_equal(a.accepted, b.accepted) and outcome[True][1] == outcome[False][1]
@@ -776,18 +795,10 @@ def run_shared(args: argparse.Namespace) -> None:
 ## Guard: one GEMM for the pixel and contrast metrics, A/B in one run \
 ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)
 
-- machine: {_machine()}
-- command: `OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")} .venv/bin/python
-  bench/bench_guard.py shared --home {args.home} --count {args.count} --seed {args.seed}
-  --repeats {args.repeats}`
-- home: {args.label or "not described (no --label given)"}; {len(state.reference.records):,}
-  reference slices; {args.count} generator samples ({sampling:.2f} s to sample) and the
-  run's canaries, screened {args.repeats} times each way, alternating (guard built once,
-  outside the times); pairs: {pairs}
-- contrast search with its own GEMM: median {two:.3f} s (runs {", ".join(f"{t:.3f}" for t in
-  times[False])})
+{_in_process_header(args, "shared", state, sampling)}; pairs: {pairs}
+- contrast search with its own GEMM: median {two:.3f} s (runs {_runs(times[False])})
 - contrast search from the pixel metric's GEMM (the default): median {one:.3f} s (runs
-  {", ".join(f"{t:.3f}" for t in times[True])}); **{two / one:.2f}x**, {1 - one / two:.0%} less
+  {_runs(times[True])}); **{two / one:.2f}x**, {1 - one / two:.0%} less
 - every decision, distance and nearest row the same: {same}
 """
     print(section)
@@ -815,34 +826,27 @@ def main() -> None:
     f.add_argument("--folds", type=int, default=10)
     f.add_argument("--methods", default="site,leave-patients-out")
     f.add_argument("--work", default="/tmp/synthfed-bench-guard")
-    c = sub.add_parser("cost")
-    c.add_argument("--home", required=True)
-    c.add_argument("--count", type=int, default=64)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--label", default="")
+    def home_run(name: str, count: int, seed: int, repeats: int = 0) -> argparse.ArgumentParser:
+        """A subcommand over a home with a trained generator: its samples and its label."""
+        p = sub.add_parser(name)
+        p.add_argument("--home", required=True)
+        p.add_argument("--count", type=int, default=count)
+        p.add_argument("--seed", type=int, default=seed)
+        p.add_argument("--label", default="")
+        if repeats:
+            p.add_argument("--repeats", type=int, default=repeats)
+        return p
+
+    c = home_run("cost", 64, 0)
     c.add_argument("--search-rejected", action="store_true",
                    help="search the window metric for every image, as before 2026-12-07")
     c.add_argument("--numpy-hugepages", action="store_true",
                    help="keep numpy's huge-page advice during the run, as before 2026-12-07")
     c.add_argument("--gc-default", action="store_true",
-                   help="no gc.freeze during the run, as before 2026-12-07 21:40")
-    c = sub.add_parser("skip")
-    c.add_argument("--home", required=True)
-    c.add_argument("--count", type=int, default=64)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--repeats", type=int, default=5)
-    c.add_argument("--label", default="")
-    c = sub.add_parser("shared")
-    c.add_argument("--home", required=True)
-    c.add_argument("--count", type=int, default=64)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--repeats", type=int, default=7)
-    c.add_argument("--label", default="")
-    c = sub.add_parser("metrics")
-    c.add_argument("--home", required=True)
-    c.add_argument("--count", type=int, default=96)
-    c.add_argument("--seed", type=int, default=7)
-    c.add_argument("--label", default="")
+                   help="no gc.freeze during the run, as before 2026-12-07 21:20")
+    home_run("skip", 64, 0, repeats=5)
+    home_run("shared", 64, 0, repeats=7)
+    home_run("metrics", 96, 7)
     args = parser.parse_args()
     {"catch": run_catch, "frr": run_frr, "throughput": run_throughput,
      "cost": run_cost, "skip": run_skip, "shared": run_shared,
