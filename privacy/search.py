@@ -119,6 +119,7 @@ __all__ = [
     "scaled_gemm_interval",
     "dense_scaled_nearest",
     "DerivedRows",
+    "spot_rows",
 ]
 
 EPS_SQ = 2e-4
@@ -177,6 +178,12 @@ def exact_sq_norms(rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def spot_rows(n: int, count: int = 16) -> np.ndarray:
+    """``count`` rows spread evenly over ``n`` (all of them when fewer): the rows a kept
+    index's state is re-checked on before use."""
+    return np.unique(np.linspace(0, n - 1, min(n, count)).astype(np.int64))
+
+
 def _kept_norms(features: np.ndarray, sq_norms: np.ndarray) -> np.ndarray:
     """``sq_norms`` kept for ``features`` [N, F], after checking shape, finite values and the
     norms of 16 rows spread over the reference (recomputed; they may differ by rounding, well
@@ -187,7 +194,7 @@ def _kept_norms(features: np.ndarray, sq_norms: np.ndarray) -> np.ndarray:
         raise GuardError(f"kept norms of shape {norms.shape} / {norms.dtype}", "reference", 1)
     if not np.all(np.isfinite(norms)) or np.any(norms < 0):
         raise GuardError("kept norms hold negative or non-finite values", "reference", 1)
-    rows = np.unique(np.linspace(0, n - 1, min(n, 16)).astype(np.int64))
+    rows = spot_rows(n)
     fresh = exact_sq_norms(features[rows])
     if not np.allclose(norms[rows], fresh, rtol=4.0 * (f + 4) * _U64, atol=1e-300):
         raise GuardError("kept norms belong to other features", "reference", 1)

@@ -93,6 +93,7 @@ from privacy.search import (
     evaluate_query_pairs,
     exact_sq_norms,
     gemm_interval,
+    spot_rows,
 )
 
 __all__ = [
@@ -435,7 +436,7 @@ class TileIndex:
             if not (np.all(np.isfinite(axes)) and np.all(np.isfinite(proj))):
                 raise bad("the projected level holds non-finite values")
             index.projection, index.right_projected = _Projection(axes), proj
-        rows = np.unique(np.linspace(0, n - 1, min(n, 16)).astype(np.int64))
+        rows = spot_rows(n)
         for level, cols in index._right_columns(rows).items():
             kept = index.right_projected if level < 0 else index.right[level]
             assert kept is not None
