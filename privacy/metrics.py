@@ -132,6 +132,10 @@ class Windows:
     sources: np.ndarray  # float32 [Q, G, H, W]
     offsets: np.ndarray  # int64 [T, 3]: (source, top row, left column) of each variant
     shape: tuple[int, int]  # (h, w) of every window
+    #: Per source: the source it is the exact horizontal mirror of (``sources[:, g] ==
+    #: sources[:, mirror_of[g], :, ::-1]``), or -1. A hint only: :mod:`privacy.tiles` checks
+    #: it, then reads a mirror's box sums from its original's instead of summing it again.
+    mirror_of: tuple[int, ...] | None = None
 
     def variants(self) -> np.ndarray:
         """[Q, T, h * w] float32: every variant of every query (the metric's query_variants)."""
@@ -353,10 +357,21 @@ class ShiftFlipDistance(Metric):
             g = groups.setdefault((m, a), len(groups))
             offsets.append((g, s + dy, s + dx))
         sources = np.empty((arr.shape[0], len(groups), *arr.shape[1:]), dtype=np.float32)
+        mirror_of = [-1] * len(groups)
         for (m, a), g in groups.items():
+            if m and (False, -a) in groups:
+                # Mirrored, then rotated by a: the mirror of the image rotated by -a (the same
+                # transform; each rotation is interpolated once, and the tile search sums
+                # these sources' boxes only once, Windows.mirror_of).
+                mirror_of[g] = groups[(False, -a)]
+                continue
             src = arr[:, :, ::-1] if m else arr
             sources[:, g] = rotate_images(src, a) if a else src
-        return Windows(sources, np.asarray(offsets, dtype=np.int64), (wh, ww))
+        for g, g0 in enumerate(mirror_of):
+            if g0 >= 0:
+                sources[:, g] = sources[:, g0, :, ::-1]
+        return Windows(sources, np.asarray(offsets, dtype=np.int64), (wh, ww),
+                       tuple(mirror_of))
 
     def query_variants(self, images: np.ndarray) -> np.ndarray:
         return self.windows(images).variants()
@@ -368,7 +383,7 @@ class ShiftFlipDistance(Metric):
             "mirror": self.mirror,
             "rotations_deg": list(self.rotations_deg),
             "compared": "central window of the reference vs shifted windows of the query "
-            "(mirrored, rotated)",
+            "(mirrored, rotated; mirrored and rotated by a = the mirror of the rotation by -a)",
         }
 
 

@@ -78,6 +78,7 @@ What this module must never do: skip a pair without a proven bound, or read file
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -280,22 +281,38 @@ class _BlockStats:
     def __init__(self, windows: Windows, sizes: tuple[int, ...]) -> None:
         sources, offsets = windows.sources, windows.offsets
         h, w = windows.shape
-        q, _, hs, ws = sources.shape
-        p1, p2 = _prefix(sources)
-        energy = p2[:, :, -1, -1]  # [Q, G]
+        q, g_all, hs, ws = sources.shape
+        # Sources that are the exact mirror of another (checked here, whatever the hint says)
+        # are not summed: a box of a mirror is the mirrored box of its original, the same
+        # pixels summed by the same four-term formula over the same source energy, so the
+        # error bound of the module docstring holds unchanged.
+        origin = np.arange(g_all)
+        for g, g0 in enumerate(windows.mirror_of or ()):
+            if (0 <= g0 < g_all and g0 != g and windows.mirror_of is not None
+                    and windows.mirror_of[g0] < 0
+                    and np.array_equal(sources[:, g], sources[:, g0, :, ::-1])):
+                origin[g] = g0
+        own = np.flatnonzero(origin == np.arange(g_all))
+        compact = np.zeros(g_all, dtype=np.int64)
+        compact[own] = np.arange(own.size)
+        mirrored = origin != np.arange(g_all)
+        p1, p2 = _prefix(sources[:, own] if own.size < g_all else sources)
+        energy = p2[:, :, -1, -1][:, compact[origin]]  # [Q, G]
         self.sizes = sizes
         self.sums: list[tuple[np.ndarray, np.ndarray]] = []
         self.flat: list[np.ndarray] = []  # per level: [T, m] positions in the box sums
         self.delta: list[np.ndarray] = []  # per level: [Q, T]
+        group = offsets[:, 0]
         for b in sizes:
             ny, nx = h // b, w // b
             hb, wb = hs - b + 1, ws - b + 1
             self.sums.append((_box(p1, b).reshape(q, -1), _box(p2, b).reshape(q, -1)))
             iy = offsets[:, 1, None, None] + b * np.arange(ny)[None, :, None]
             ix = offsets[:, 2, None, None] + b * np.arange(nx)[None, None, :]
-            self.flat.append((offsets[:, 0, None, None] * (hb * wb) + iy * wb + ix)
+            ix = np.where(mirrored[group][:, None, None], wb - 1 - ix, ix)
+            self.flat.append((compact[origin[group]][:, None, None] * (hb * wb) + iy * wb + ix)
                              .reshape(offsets.shape[0], ny * nx))
-            self.delta.append(_delta(energy, hs, ws, b, ny * nx)[:, offsets[:, 0]])
+            self.delta.append(_delta(energy, hs, ws, b, ny * nx)[:, group])
 
     def stats(self, level: int, rows: np.ndarray | slice, ts: np.ndarray | slice
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -488,9 +505,8 @@ class TileIndex:
         s_block = max(q_block, min(_STATS_QUERIES, q, _STATS_ENTRIES // per_query))
         for s0 in range(0, q, s_block):
             s1 = min(q, s0 + s_block)
-            part = _BlockStats(
-                Windows(windows.sources[s0:s1], windows.offsets, windows.shape), self.sizes
-            )
+            part = _BlockStats(dataclasses.replace(windows, sources=windows.sources[s0:s1]),
+                               self.sizes)
             a0, delta0 = part.stats(0, slice(None), slice(None))
             left0 = _left(a0, delta0)
             if self.projection is not None:

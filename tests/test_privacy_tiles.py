@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from privacy.errors import GuardError
 from privacy.guard import Guard
-from privacy.metrics import ContrastRMSE, PixelRMSE, ShiftFlipDistance, Windows
+from privacy.metrics import ContrastRMSE, PixelRMSE, ShiftFlipDistance, Windows, rotate_images
 from privacy.search import brute_force_nearest
 from privacy.tiles import TileIndex, _left, tile_sizes, tile_statistics
 
@@ -91,7 +91,7 @@ def test_safe_tile_bound_never_exceeds_the_exact_distance(seed: int, scale: floa
     base = rng.random((1, size, size)) * scale
     ref = (base + rng.normal(0, 1e-3 * scale, (30, size, size))).astype(np.float32)
     cand = (base + rng.normal(0, 1e-3 * scale, (3, size, size))).astype(np.float32)
-    metric = ShiftFlipDistance(2, rotations_deg=(0.0, 3.0))
+    metric = ShiftFlipDistance(2, rotations_deg=(0.0, -3.0, 3.0))
     feats = metric.reference_features(ref)
     windows = metric.windows(cand)
     index = TileIndex(feats, windows.shape)
@@ -118,8 +118,9 @@ def test_safe_tile_bound_never_exceeds_the_exact_distance(seed: int, scale: floa
 def test_the_tile_statistics_of_every_window_match_a_direct_computation() -> None:
     rng = np.random.default_rng(3)
     images = rng.random((2, 16, 16)).astype(np.float32)
-    metric = ShiftFlipDistance(2, rotations_deg=(0.0, 5.0))
+    metric = ShiftFlipDistance(2, rotations_deg=(0.0, -5.0, 5.0))
     windows = metric.windows(images)
+    assert windows.mirror_of == (-1, -1, -1, 0, 2, 1)  # mirrors' sums come from the originals
     variants = windows.variants().astype(np.float64).reshape(2, -1, 12, 12)
     for (a, _), b in zip(tile_statistics(windows, (6, 4, 3)), (6, 4, 3), strict=True):
         n = 12 // b
@@ -129,6 +130,36 @@ def test_the_tile_statistics_of_every_window_match_a_direct_computation() -> Non
                       .sum(axis=(3, 5)).reshape(2, -1, n * n))
         np.testing.assert_allclose(a[..., : n * n], s1 / b, rtol=0, atol=1e-9)
         np.testing.assert_allclose(a[..., n * n :], rho, rtol=0, atol=1e-6)
+
+
+def test_mirrored_sources_are_exact_mirrors_and_a_false_hint_is_not_trusted() -> None:
+    rng = np.random.default_rng(4)
+    images = rng.random((3, 16, 16)).astype(np.float32)
+    metric = ShiftFlipDistance(2, rotations_deg=(0.0, -4.0, 4.0))
+    windows = metric.windows(images)
+    assert windows.mirror_of is not None
+    for g, g0 in enumerate(windows.mirror_of):
+        if g0 >= 0:
+            assert np.array_equal(windows.sources[:, g], windows.sources[:, g0, :, ::-1])
+    # Mirrored then rotated by a is the mirror of the rotation by -a (up to interpolation
+    # rounding): the metric compares the same transforms as before.
+    for (mirrored, angle, _, _), (g, _, _) in zip(metric.transforms(), windows.offsets,
+                                                    strict=True):
+        if mirrored and angle:
+            direct = rotate_images(images[:, :, ::-1], angle)
+            np.testing.assert_allclose(windows.sources[:, g], direct, atol=1e-5)
+    sizes = (6, 4, 3)
+    plain = Windows(windows.sources, windows.offsets, windows.shape)  # no hint: sum each
+    for (a, delta), (a0, delta0) in zip(tile_statistics(windows, sizes),
+                                        tile_statistics(plain, sizes), strict=True):
+        np.testing.assert_allclose(a, a0, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(delta, delta0, rtol=1e-12)  # energy: another sum order
+    # A hint that is not true (source 1 is no mirror of source 0) is checked and ignored.
+    wrong = Windows(windows.sources, windows.offsets, windows.shape,
+                    (-1, 0, *windows.mirror_of[2:]))
+    for (a, _), (a0, _) in zip(tile_statistics(wrong, sizes), tile_statistics(plain, sizes),
+                               strict=True):
+        np.testing.assert_allclose(a, a0, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("metric", [PixelRMSE(), ContrastRMSE()])
