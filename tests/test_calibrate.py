@@ -53,6 +53,23 @@ def test_holdout_patients_are_calibrated_against_train() -> None:
     assert folds[0].reference.tolist() == [0, 1, 3]
 
 
+def test_holdout_groups_are_calibrated_against_every_other_patient() -> None:
+    # Five holdout patients in two groups: each group's slices against the train slices AND
+    # the other group's, never against a slice of its own patients; each holdout slice once.
+    patients = ["t1", "t1", "t2", "h1", "h1", "h2", "h3", "h4", "h4", "h5", "t3"]
+    splits = ["train"] * 3 + ["holdout"] * 7 + ["train"]
+    method, folds = make_folds(patients, splits, patients, [0.0] * len(patients), k=2)
+    assert method == "holdout" and len(folds) == 2
+    hold = [i for i, s in enumerate(splits) if s == "holdout"]
+    assert sorted(sum((f.queries.tolist() for f in folds), [])) == hold
+    for fold in folds:
+        own = {patients[i] for i in fold.queries.tolist()}
+        ref = fold.reference.tolist()
+        assert sorted(ref) == [i for i in range(len(patients)) if patients[i] not in own]
+        assert {0, 1, 2, 10} <= set(ref)  # every train slice
+        assert set(ref) & set(hold)  # and the other holdout group's slices
+
+
 def test_without_holdout_patients_are_left_out_in_groups() -> None:
     patients = ["a", "a", "b", "c", "d"]
     method, folds = make_folds(patients, ["train"] * 5, patients, [0, 1, 0, 0, 0], k=2)

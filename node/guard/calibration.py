@@ -60,7 +60,11 @@ __all__ = [
     "kept_encoder",
 ]
 
-CALIBRATION_VERSION = 1
+#: Of the thresholds (2: holdout patients calibrated against every other patient's slices,
+#: privacy.calibrate); a calibration of another version is redone.
+CALIBRATION_VERSION = 2
+#: Of the guard encoder and the features kept from it (unchanged by calibration versions).
+ENCODER_VERSION = 1
 
 
 class _HasState(Protocol):
@@ -165,7 +169,7 @@ def _encoder_digest(reference: GuardReference, settings: GuardSettings) -> str:
     return sha256_hex(
         canonical_json(
             {
-                "version": CALIBRATION_VERSION,
+                "version": ENCODER_VERSION,
                 "reference": reference.digest,
                 "image_size": int(reference.images.shape[1]),
                 "steps": settings.encoder_steps,
@@ -370,7 +374,7 @@ def cached_features(
     if not metric.costly_features:
         return metric.reference_features(images)
     key = sha256_hex(
-        canonical_json({"version": CALIBRATION_VERSION, "reference": reference_digest,
+        canonical_json({"version": ENCODER_VERSION, "reference": reference_digest,
                         "metric": metric.describe(), "space": metric.feature_space,
                         "shape": list(images.shape)})
     )

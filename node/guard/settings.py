@@ -16,8 +16,9 @@ class GuardSettings:
     threshold_quantile: float = setting(
         0.01,
         "default threshold = this quantile (order statistic) of the distances from holdout\n"
-        "patients' slices to their nearest train slice: about 1 % of genuinely new patients'\n"
-        "slices fall below it per metric (at most ~4 % over four metrics, within a 5 % budget)",
+        "patients' slices to their nearest slice of another patient: about 1 % of genuinely\n"
+        "new patients' slices fall below it per metric (at most ~4 % over four metrics,\n"
+        "within a 5 % budget)",
     )
     max_shift_px: int = setting(4, "shift-tolerant metric: largest integer shift tried (pixels)")
     rotations_deg: list[float] = setting(
