@@ -12,6 +12,11 @@ turn plays the new patients, and the encoder, the calibration and the reference 
 other patients only (as a site that never saw them would have them), for the site's own
 calibration method and for leave-patients-out calibration over every slice.
 
+``--which`` (``catch`` and ``frr``): ``ct`` (the three CT folders in one home), ``mr``
+(brain-tumor-t1c with its 233 patient IDs) and ``mr-merged`` (the same slices with the IDs that
+differ only by a trailing letter counted as one patient, 209: the data README's cautious
+grouping; with 233 IDs a "new" patient can have a same-named twin in the reference).
+
 ``throughput``: exact screening (privacy.search.ExactIndex, pixel RMSE) against plain faiss
 ``IndexFlatL2`` brute force on the same reference, in one run, at several reference sizes and
 image sizes; decisions compared one by one. Reference sets are generated from the real MR
