@@ -32,7 +32,6 @@ import csv
 import hashlib
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from machine import CpuShare, machine_line  # noqa: E402
+from mr_patients import merged_patient  # noqa: E402
 
 SHARE = CpuShare()  # other processes' CPU use, from import to the record
 DATA = REPO.parent / "shared" / "data"
@@ -83,10 +83,6 @@ def build_ct(config) -> list[str]:  # type: ignore[no-untyped-def]
     return lines
 
 
-def _merged_patient(pid: str) -> str:
-    return re.sub(r"[A-Za-z]+$", "", pid.strip())
-
-
 # Every MR comparison since 2026-11-23 conditions the site generators on the tumour class
 # (halved the SSIM gap to pooled real data then); build writes it into each new home.
 MR_GENERATOR: dict[str, Any] = {"conditioning": "label", "guidance_scale": 1.0}
@@ -113,7 +109,7 @@ def build_mr(config) -> list[str]:  # type: ignore[no-untyped-def]
     n_sites = len(config.sites)
     by_site: dict[int, list[dict[str, str]]] = {i: [] for i in range(n_sites)}
     for row in rows:
-        key = _merged_patient(row["patient_id"])
+        key = merged_patient(row["patient_id"])
         site = int(hashlib.sha256(key.encode()).hexdigest(), 16) % n_sites
         by_site[site].append(row)
     lines = []
@@ -128,13 +124,13 @@ def build_mr(config) -> list[str]:  # type: ignore[no-untyped-def]
             writer = csv.writer(handle)
             writer.writerow(["file", "patient_id", "label"])
             for row in by_site[i]:
-                writer.writerow([str(root / row["file"]), _merged_patient(row["patient_id"]),
+                writer.writerow([str(root / row["file"]), merged_patient(row["patient_id"]),
                                  row["label"]])
         files = [root / row["file"] for row in by_site[i]]
         summary = ingest_sources(paths, load_node_config(paths), files, modality="MR",
                                  patient_rule=f"csv:{table}", progress=True)
         table.unlink()
-        patients = len({_merged_patient(r["patient_id"]) for r in by_site[i]})
+        patients = len({merged_patient(r["patient_id"]) for r in by_site[i]})
         lines.append(f"{site_cfg.name}: {len(files)} files of {patients} patients: "
                      f"{summary.human().splitlines()[0]}")
     return lines

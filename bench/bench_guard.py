@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from machine import CpuShare, machine_line  # noqa: E402
+from mr_patients import merged_patients_csv  # noqa: E402
 
 SHARE = CpuShare()  # other processes' CPU use, from import to each record
 DATA = REPO.parent / "shared" / "data"
@@ -89,30 +90,11 @@ def _home(which: str, root: Path) -> Path:
         folder = DATA / "mr" / "brain-tumor-t1c"
         csv = folder / "patients.csv"
         if which == "mr-merged":
-            csv = _merged_patients_csv(csv, root / "patients-merged.csv")
+            csv = merged_patients_csv(csv, root / "patients-merged.csv")
         ingest_sources(paths, config, [folder], modality="MR",
                        plane="any", patient_rule=f"csv:{csv}", progress=False)
     return home
 
-
-def _merged_patients_csv(source: Path, out: Path) -> Path:
-    """brain-tumor-t1c's patients.csv with the PIDs that differ only by a trailing letter
-    merged (``MR040240B`` -> ``MR040240``: 209 patients instead of 233; the cautious grouping
-    of ../shared/data/mr/README.md, since the authors do not say whether they are one person),
-    file paths made absolute."""
-    import csv
-    import re
-
-    with source.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    with out.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            row["file"] = str((source.parent / row["file"]).resolve())
-            row["patient_id"] = re.sub(r"^(MR\d+)[A-Z]$", r"\1", row["patient_id"])
-            writer.writerow(row)
-    return out
 
 
 def _catch(which: str, root: Path, per_alteration: int) -> list[str]:
