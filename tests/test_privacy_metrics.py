@@ -192,3 +192,35 @@ def test_guard_refuses_to_be_built_or_used_without_what_its_promise_needs() -> N
     guard = Guard([pixel, shift], ref, ok)
     with pytest.raises(GuardError, match=r"candidates are \(8, 8\), the reference is \(16, 16\)"):
         guard.screen(np.zeros((1, 8, 8), np.float32))
+
+
+def test_an_images_embedding_does_not_depend_on_the_batch_it_is_embedded_in() -> None:
+    # The CPU convolutions choose their algorithm by batch shape; the embedder runs every
+    # forward pass on EMBED_BATCH images (padded), so an image's embedding is the same alone,
+    # among others, at any place in a batch and with any thread count. Before, batches of 3 or
+    # 70 gave it differences of up to 9e-8, enough to move a slice across a threshold that
+    # its own distance had set.
+    import torch
+
+    from privacy.encoder import EMBED_BATCH, EncoderConfig, make_embedder, train_encoder
+
+    rng = np.random.default_rng(0)
+    images = rng.random((150, 64, 64), dtype=np.float32)
+    config = EncoderConfig(image_size=64, steps=0)
+    state, _ = train_encoder(images[:8], config)
+    embed = make_embedder(state, config)
+    alone = embed(images[:1])[0]
+    for batch in (images[:3], images[:70], images[:EMBED_BATCH], images[:150]):
+        np.testing.assert_array_equal(embed(batch)[0], alone)
+    elsewhere = np.concatenate([images[100:133], images[:1], images[50:60]])
+    np.testing.assert_array_equal(embed(elsewhere)[33], alone)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        np.testing.assert_array_equal(embed(images[:3])[0], alone)
+    finally:
+        torch.set_num_threads(threads)
+    # Unit vectors, one per image, whatever the padding.
+    out = embed(images[:70])
+    assert out.shape == (70, config.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)

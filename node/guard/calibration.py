@@ -32,7 +32,7 @@ from node.config import NodeConfig, NodePaths
 from node.guard.reference import GuardReference, load_reference
 from node.guard.settings import GuardSettings
 from privacy.calibrate import calibrate_thresholds, make_folds
-from privacy.encoder import EncoderConfig, make_embedder, train_encoder
+from privacy.encoder import EMBED_INFERENCE, EncoderConfig, make_embedder, train_encoder
 from privacy.errors import GuardError
 from privacy.guard import Guard
 from privacy.metrics import ContrastRMSE, EmbeddingDistance, Metric, PixelRMSE, ShiftFlipDistance
@@ -61,8 +61,9 @@ __all__ = [
 ]
 
 #: Of the thresholds (2: holdout patients calibrated against every other patient's slices,
-#: privacy.calibrate); a calibration of another version is redone.
-CALIBRATION_VERSION = 2
+#: privacy.calibrate; 3: embeddings computed in fixed batches, privacy.encoder.EMBED_BATCH); a
+#: calibration of another version is redone.
+CALIBRATION_VERSION = 3
 #: Of the guard encoder and the features kept from it (unchanged by calibration versions).
 ENCODER_VERSION = 1
 
@@ -461,6 +462,7 @@ def prepare_guard(
     enc_info = {
         "encoder_sha256": enc_meta.get("weights_sha256"),
         "encoder_config": enc_meta.get("config"),
+        "inference": EMBED_INFERENCE,
     }
     metrics = build_metrics(settings, embed, enc_info if embed else {})
     cal_path = paths.guard / "calibration.json"
