@@ -287,9 +287,9 @@ class _BlockStats:
         # pixels summed by the same four-term formula over the same source energy, so the
         # error bound of the module docstring holds unchanged.
         origin = np.arange(g_all)
-        for g, g0 in enumerate(windows.mirror_of or ()):
-            if (0 <= g0 < g_all and g0 != g and windows.mirror_of is not None
-                    and windows.mirror_of[g0] < 0
+        hint = windows.mirror_of if windows.mirror_of is not None else ()
+        for g, g0 in enumerate(hint if len(hint) == g_all else ()):
+            if (0 <= g0 < g_all and g0 != g and hint[g0] < 0
                     and np.array_equal(sources[:, g], sources[:, g0, :, ::-1])):
                 origin[g] = g0
         own = np.flatnonzero(origin == np.arange(g_all))

@@ -154,12 +154,13 @@ def test_mirrored_sources_are_exact_mirrors_and_a_false_hint_is_not_trusted() ->
                                         tile_statistics(plain, sizes), strict=True):
         np.testing.assert_allclose(a, a0, rtol=0, atol=1e-9)
         np.testing.assert_allclose(delta, delta0, rtol=1e-12)  # energy: another sum order
-    # A hint that is not true (source 1 is no mirror of source 0) is checked and ignored.
-    wrong = Windows(windows.sources, windows.offsets, windows.shape,
-                    (-1, 0, *windows.mirror_of[2:]))
-    for (a, _), (a0, _) in zip(tile_statistics(wrong, sizes), tile_statistics(plain, sizes),
-                               strict=True):
-        np.testing.assert_allclose(a, a0, rtol=0, atol=1e-9)
+    # A hint that is not true (source 1 is no mirror of source 0), or of the wrong length, is
+    # checked and ignored.
+    for hint in ((-1, 0, *windows.mirror_of[2:]), (*windows.mirror_of, 0)):
+        wrong = Windows(windows.sources, windows.offsets, windows.shape, hint)
+        for (a, _), (a0, _) in zip(tile_statistics(wrong, sizes),
+                                   tile_statistics(plain, sizes), strict=True):
+            np.testing.assert_allclose(a, a0, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("metric", [PixelRMSE(), ContrastRMSE()])
