@@ -96,7 +96,6 @@ def _home(which: str, root: Path) -> Path:
     return home
 
 
-
 def _catch(which: str, root: Path, per_alteration: int) -> list[str]:
     from node.config import NodePaths, load_node_config
     from node.guard.calibration import prepare_guard

@@ -80,6 +80,19 @@ def summarise(values: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _patient_group_folds(patients: Sequence[str], queried: list[str], k: int) -> list[Fold]:
+    """The patients ``queried`` in up to ``k`` groups; each group's slices against every slice
+    of the other patients (queried or not)."""
+    pat = np.asarray(patients)
+    rows = np.arange(len(patients))
+    kk = min(k, len(queried))
+    folds = []
+    for group in (queried[i::kk] for i in range(kk)):
+        mask = np.isin(pat, group)
+        folds.append(Fold(rows[mask], rows[~mask]))
+    return folds
+
+
 def make_folds(
     patients: Sequence[str],
     splits: Sequence[str],
@@ -102,24 +115,9 @@ def make_folds(
         # site's slices, so its calibration reference is nearly as large. Against the train
         # slices alone (a fifth fewer) new patients' nearest distances came out larger than
         # the guard then meets, and more new patients were rejected than the quantile says.
-        pat = np.asarray(patients)
-        ordered = sorted(holdout_patients)
-        kk = max(1, min(k, len(ordered)))
-        folds = []
-        for group in (ordered[i::kk] for i in range(kk)):
-            mask = np.isin(pat, group)
-            folds.append(Fold(rows[mask], rows[~mask]))
-        return "holdout", folds
+        return "holdout", _patient_group_folds(patients, sorted(holdout_patients), max(1, k))
     if len(unique_patients) >= 2:
-        groups = [unique_patients[i :: min(k, len(unique_patients))] for i in range(k)]
-        folds = []
-        pat = np.asarray(patients)
-        for group in groups:
-            if not group:
-                continue
-            mask = np.isin(pat, group)
-            folds.append(Fold(rows[mask], rows[~mask]))
-        return "leave-patients-out", folds
+        return "leave-patients-out", _patient_group_folds(patients, unique_patients, k)
     folds = []
     by_series: dict[str, list[int]] = {}
     for i, s in enumerate(series):
