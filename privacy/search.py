@@ -113,6 +113,7 @@ __all__ = [
     "TopK",
     "Fetch",
     "gemm_interval",
+    "kept_sq_norms",
     "DENSE_ENTRIES",
     "exact_sq_norms",
     "evaluate_query_pairs",
@@ -184,7 +185,7 @@ def spot_rows(n: int, count: int = 16) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, count)).astype(np.int64))
 
 
-def _kept_norms(features: np.ndarray, sq_norms: np.ndarray) -> np.ndarray:
+def kept_sq_norms(features: np.ndarray, sq_norms: np.ndarray) -> np.ndarray:
     """``sq_norms`` kept for ``features`` [N, F], after checking shape, finite values and the
     norms of 16 rows spread over the reference (recomputed; they may differ by rounding, well
     within the error the intervals allow for norms, and from other features by far more)."""
@@ -469,7 +470,8 @@ class ExactIndex:
         self.bases = []
         self.dense_only = True
         self.chunk_rows = 8192
-        self.sq_norms = exact_sq_norms(feats) if sq_norms is None else _kept_norms(feats, sq_norms)
+        self.sq_norms = (exact_sq_norms(feats) if sq_norms is None
+                         else kept_sq_norms(feats, sq_norms))
         self._features32 = None
         return self
 

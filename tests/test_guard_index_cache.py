@@ -177,7 +177,21 @@ def test_tile_index_is_kept_and_answers_like_a_fresh_one(
         raise AssertionError("the tile index was rebuilt instead of loaded")
 
     monkeypatch.setattr(TileIndex, "__init__", no_build)
+    import privacy.search as search
+    import privacy.tiles as tiles
+
+    real = search.exact_sq_norms
+    counted: list[int] = []
+
+    def counting(block: np.ndarray) -> np.ndarray:
+        counted.append(len(block))
+        return real(block)
+
+    monkeypatch.setattr(search, "exact_sq_norms", counting)
+    monkeypatch.setattr(tiles, "exact_sq_norms", counting)
     second = cached_tile_index(tmp_path, "digest", metric, feats, (16, 16))
+    assert counted == [16]  # the norms are kept: only the spot check's rows are recomputed
+    np.testing.assert_array_equal(second.sq_norms, first.sq_norms)
     for a, b in zip(first.right, second.right, strict=True):
         np.testing.assert_array_equal(a, b)
     windows = metric.windows(cand)
@@ -196,7 +210,7 @@ def test_tile_index_of_another_reference_is_rebuilt(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("tiles-*.npz"))) == 1
 
 
-@pytest.mark.parametrize("damage", ["version", "shape", "nan", "other features"])
+@pytest.mark.parametrize("damage", ["version", "shape", "nan", "norms", "other features"])
 def test_tile_index_state_is_refused_when_it_does_not_fit(damage: str) -> None:
     metric, feats, _ = _windows_problem()
     state = TileIndex(feats, (16, 16)).state()
@@ -208,6 +222,8 @@ def test_tile_index_state_is_refused_when_it_does_not_fit(damage: str) -> None:
     elif damage == "nan":
         state["right0"] = state["right0"].copy()
         state["right0"][0, 5] = np.nan
+    elif damage == "norms":  # the norms of other rows (the columns still fit)
+        state["sq_norms"] = state["sq_norms"] * 1.001
     else:
         target = feats + np.float32(0.5)  # every reference differs, so the sample does too
     with pytest.raises(GuardError, match="kept tile index refused"):
@@ -228,7 +244,7 @@ def test_tile_index_state_differing_by_rounding_is_kept_and_a_changed_slice_is_n
     np.testing.assert_array_equal(index.nearest(windows, k=1).sq, want.sq)
     changed = feats.copy()
     changed[0, 0] += np.float32(0.05)  # one pixel of the first (spot-checked) reference
-    with pytest.raises(GuardError, match="built on other features"):
+    with pytest.raises(GuardError, match="kept tile index refused: .*other features"):
         TileIndex.from_state(changed, state)
 
 

@@ -37,6 +37,51 @@ def test_batch_round_trips_through_float16(tmp_path: Path) -> None:
         ("HU", 4095.0, -1024.0, 1.5)}
 
 
+def test_reading_gathers_from_several_shards_in_any_order(tmp_path: Path) -> None:
+    # Batches land in separate shards; records sorted by patient interleave them, and a
+    # subset reads rows out of order. Each slice must come back exactly, wherever it sits.
+    batches = [[_slice(10 * b + i, patient=f"p-{(b + i) % 3}") for i in range(4)]
+               for b in range(3)]
+    want = {s.instance_key: s.pixels.astype(np.float16).astype(np.float32)
+            for batch in batches for s in batch}
+    with Store(tmp_path) as store:
+        for batch in batches:
+            store.add_batch(batch)
+        records = store.records()
+        assert len({r.shard for r in records}) == 3
+        for recs in (records, records[::-2], [records[5], records[0], records[5]]):
+            got = store.load(recs)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, np.stack([want[r.instance_key] for r in recs]))
+
+
+def test_float16_pixels_widen_exactly_with_numpy_or_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    import torch
+
+    from node.store import _widen_half
+
+    # Every float16 value (subnormals, infinities, NaNs, both zeros), large enough to take
+    # torch's path when torch is loaded.
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    half = np.tile(every, 2).reshape(8, 128, 128)
+    want = half.astype(np.float32)
+    nan = np.isnan(want)
+
+    def check(got: np.ndarray) -> None:
+        assert got.dtype == np.float32 and np.array_equal(np.isnan(got), nan)
+        # Bit for bit (the sign of zero too); a NaN stays a NaN (torch quiets its payload).
+        np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+    assert "torch" in sys.modules and torch is sys.modules["torch"]
+    check(_widen_half(half))
+    monkeypatch.delitem(sys.modules, "torch")  # a command that never loaded torch
+    check(_widen_half(half))
+
+
 def test_known_instances_are_not_added_again(tmp_path: Path) -> None:
     with Store(tmp_path) as store:
         assert store.add_batch([_slice(0), _slice(1), _slice(1)]) == 2
