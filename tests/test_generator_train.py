@@ -110,6 +110,7 @@ def test_generated_node_yaml_loads_back_with_nulls_meaning_preset() -> None:
         ({"condition_dropout": 1.5}, "generator.condition_dropout"),
         ({"beta_start": 0.5, "beta_end": 0.1}, "generator.beta_end"),
         ({"min_snr_gamma": 0.0}, "generator.min_snr_gamma"),
+        ({"unet_patch": 0}, "generator.unet_patch"),
     ],
 )
 def test_impossible_settings_are_refused_naming_the_key(
@@ -485,6 +486,41 @@ def test_adversarial_loss_trains_the_discriminator(node_home: Path) -> None:
     assert "d_loss" not in lines[1] and "d_loss" in lines[2] and "g_adv" in lines[3]
     state, _ = load_checkpoint(checkpoint_path(paths))
     assert "disc" in state and "disc_opt" in state
+
+
+def test_patched_unet_trains_samples_and_keeps_the_latent_shape(node_home: Path) -> None:
+    import torch
+
+    from node.generator.networks import PatchedUNet, build_unet
+    from node.generator.sampling import load_generator
+
+    paths = fill_store(node_home)
+    config = small_config(paths, unet_patch=2, diffusion_steps=4)
+    cfg = resolve_config(config.generator)
+    unet = build_unet(cfg, 0)
+    assert isinstance(unet, PatchedUNet)
+    assert unet.unet.conv_in.conv.in_channels == 4 * cfg.ae_latent_channels
+    x = torch.randn(3, cfg.ae_latent_channels, 8, 8)
+    assert torch.equal(unet.unfold(unet.fold(x)), x)  # folding loses nothing
+    assert unet(x, torch.tensor([1, 500, 999])).shape == x.shape
+    assert not isinstance(build_unet(resolve_config(GeneratorSettings(), "tiny"), 0),
+                          PatchedUNet)  # patch 1: the plain network of older checkpoints
+    summary = train_generator(paths, config, progress=False, quality=False)
+    assert summary["finished"] is True
+    state, _ = load_checkpoint(checkpoint_path(paths))
+    assert state["config"]["unet_patch"] == 2
+    gen = load_generator(paths)
+    first, again = gen.sample(3, seed=7), gen.sample(3, seed=7)
+    assert first.shape == (3, SIZE, SIZE) and np.all(np.isfinite(first))
+    np.testing.assert_array_equal(first, again)
+
+
+def test_latents_that_do_not_fold_into_the_unet_are_refused(node_home: Path) -> None:
+    paths = fill_store(node_home)
+    config = small_config(paths, unet_patch=3)  # 8x8 latents, patches of 3
+    with pytest.raises(TrainingError, match="patches of 3") as info:
+        train_generator(paths, config, progress=False, quality=False)
+    assert info.value.where == "generator.unet_patch"
 
 
 # ---- end to end through the CLI -------------------------------------------------------------

@@ -16,7 +16,8 @@ from torch import nn
 
 from node.generator.presets import GeneratorConfig
 
-__all__ = ["build_autoencoder", "build_unet", "build_discriminator", "make_scheduler", "Ema"]
+__all__ = ["build_autoencoder", "build_unet", "build_discriminator", "make_scheduler", "Ema",
+           "PatchedUNet"]
 
 SamplerName = Literal["dpm", "ddim", "ddpm"]
 
@@ -38,14 +39,34 @@ def build_autoencoder(config: GeneratorConfig) -> nn.Module:
     )
 
 
+class PatchedUNet(nn.Module):
+    """A denoiser on ``patch x patch`` blocks of the latents folded into channels
+    (``PixelUnshuffle``), unfolded again on the way out: the same latents in and out, at a
+    quarter of the positions for ``patch`` 2 (the patch embedding of DiT, without the linear
+    layer: the UNet's first convolution is one)."""
+
+    def __init__(self, unet: nn.Module, patch: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self.fold = nn.PixelUnshuffle(patch)
+        self.unfold = nn.PixelShuffle(patch)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        out: torch.Tensor = self.unfold(self.unet(self.fold(x), timesteps, **kwargs))
+        return out
+
+
 def build_unet(config: GeneratorConfig, n_classes: int) -> nn.Module:
-    """The denoiser; with classes it gets one extra embedding, the 'no class' of CFG."""
+    """The denoiser; with classes it gets one extra embedding, the 'no class' of CFG. With
+    ``unet_patch`` > 1 it works on folded patches (:class:`PatchedUNet`); at 1 it is the plain
+    MONAI network, whose weights every earlier checkpoint holds."""
     from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet
 
-    return DiffusionModelUNet(
+    folded = config.ae_latent_channels * config.unet_patch**2
+    unet = DiffusionModelUNet(
         spatial_dims=2,
-        in_channels=config.ae_latent_channels,
-        out_channels=config.ae_latent_channels,
+        in_channels=folded,
+        out_channels=folded,
         channels=tuple(config.unet_channels),
         attention_levels=tuple(config.unet_attention_levels),
         num_res_blocks=config.unet_num_res_blocks,
@@ -53,6 +74,7 @@ def build_unet(config: GeneratorConfig, n_classes: int) -> nn.Module:
         num_head_channels=config.unet_head_channels,
         num_class_embeds=(n_classes + 1) if n_classes > 0 else None,
     )
+    return unet if config.unet_patch == 1 else PatchedUNet(unet, config.unet_patch)
 
 
 def build_discriminator(config: GeneratorConfig) -> nn.Module:

@@ -30,7 +30,8 @@ __all__ = ["PRESETS", "GeneratorConfig", "resolve_config", "config_from_dict", "
 #: ``ae_train_precision`` only matters when such a run is resumed inside stage 1: ``auto`` is
 #: what CUDA always did; on a CPU with native bf16 the rest of stage 1 then runs in bf16.
 _LEGACY_DEFAULTS: dict[str, Any] = {"loss_weighting": "uniform", "min_snr_gamma": 5.0,
-                                    "diffusion_precision": "auto", "ae_train_precision": "auto"}
+                                    "diffusion_precision": "auto", "ae_train_precision": "auto",
+                                    "unet_patch": 1}
 
 # tiny: seconds on 2 cores at 32x32..64x64 (tests, demo); cpu: ~1 h on 2 cores at 64x64;
 # gpu: 128x128 and up with bf16 autocast; on an H100 its UNet steps are launch-bound (10.6
@@ -71,6 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unet_num_res_blocks": 1,
         "unet_norm_groups": 8,
         "unet_head_channels": 8,
+        "unet_patch": 1,
         "diffusion_steps": 80,
         "diffusion_batch_size": 16,
         "diffusion_lr": 2e-3,
@@ -112,6 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unet_num_res_blocks": 1,
         "unet_norm_groups": 16,
         "unet_head_channels": 32,
+        "unet_patch": 1,
         "diffusion_steps": 6000,
         "diffusion_batch_size": 32,
         "diffusion_lr": 5e-4,
@@ -153,6 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unet_num_res_blocks": 2,
         "unet_norm_groups": 32,
         "unet_head_channels": 64,
+        "unet_patch": 1,
         "diffusion_steps": 60000,
         "diffusion_batch_size": 256,
         "diffusion_lr": 3e-4,
@@ -201,6 +205,7 @@ class GeneratorConfig:
     unet_num_res_blocks: int
     unet_norm_groups: int
     unet_head_channels: int
+    unet_patch: int
     diffusion_steps: int
     diffusion_batch_size: int
     diffusion_lr: float
@@ -259,7 +264,8 @@ class GeneratorConfig:
                     raise bad(key, f"must divide every attention level's channels ({c})")
         for key in ("ae_steps", "diffusion_steps", "ae_batch_size", "diffusion_batch_size",
                     "train_timesteps", "checkpoint_every", "sample_steps", "quality_count",
-                    "ae_latent_channels", "ae_num_res_blocks", "unet_num_res_blocks"):
+                    "ae_latent_channels", "ae_num_res_blocks", "unet_num_res_blocks",
+                    "unet_patch"):
             if getattr(self, key) <= 0:
                 raise bad(key, "must be positive")
         for key in ("ae_lr", "diffusion_lr", "grad_clip"):

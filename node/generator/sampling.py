@@ -108,6 +108,7 @@ class Generator:
                     "channels": list(cfg.unet_channels),
                     "attention_levels": list(cfg.unet_attention_levels),
                     "num_res_blocks": cfg.unet_num_res_blocks,
+                    "patch": cfg.unet_patch,
                     "prediction_type": cfg.prediction_type,
                 },
                 "schedule": {

@@ -68,6 +68,12 @@ class GeneratorSettings:
     unet_num_res_blocks: int | None = setting(None, "residual blocks per UNet level" + _P)
     unet_norm_groups: int | None = setting(None, "GroupNorm groups of the UNet" + _P)
     unet_head_channels: int | None = setting(None, "channels per attention head" + _P)
+    unet_patch: int | None = setting(
+        None,
+        "side of the latent patches the UNet works on: 2 folds each 2x2 block of latents into\n"
+        "channels (a quarter of the positions, so a cheaper step); 1: every latent position"
+        + _P,
+    )
     diffusion_steps: int | None = setting(None, "optimiser steps of stage 2" + _P)
     diffusion_batch_size: int | None = setting(None, "stage 2 batch size" + _P)
     diffusion_lr: float | None = setting(None, "stage 2 peak learning rate (AdamW)" + _P)

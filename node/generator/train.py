@@ -521,6 +521,14 @@ def train_generator(
             f" {cfg.latent_downsampling}",
             "generator.ae_channels",
         )
+    side = data.size // cfg.latent_downsampling
+    unet_factor = cfg.unet_patch * 2 ** (len(cfg.unet_channels) - 1)
+    if side % unet_factor:
+        raise TrainingError(
+            f"latents of {side}x{side} do not fold into patches of {cfg.unet_patch} and halve"
+            f" {len(cfg.unet_channels) - 1} times in the UNet (a multiple of {unet_factor})",
+            "generator.unet_patch",
+        )
 
     run = _Run(cfg, data, torch_device, digest)
     if state is not None:
