@@ -302,8 +302,8 @@ class Store:
                 "one model grid per store"
             )
         # Each shard's rows in one gather, still float16; then one widening pass. Row by row
-        # (a memory-map view and a float16 -> float32 copy each) this took 35-45 ms for 3,064
-        # slices of 64x64, the gathers take 7 ms (bench/RESULTS.md, 2026-12-08).
+        # (a memory-map view and a float16 -> float32 copy each) this took 34 ms for 3,064
+        # slices of 64x64, this way 11 ms (bench/RESULTS.md, 2026-12-08).
         half = np.empty((len(recs), recs[0].size, recs[0].size), dtype=np.float16)
         by_shard: dict[str, tuple[list[int], list[int]]] = {}
         for i, rec in enumerate(recs):
@@ -313,7 +313,6 @@ class Store:
         for name, (at, rows) in by_shard.items():
             half[np.asarray(at)] = self._shard(name)[np.asarray(rows)]
         return _widen_half(half)
-
 
     def images(
         self, split: str, modality: str | None = None
