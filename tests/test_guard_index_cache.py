@@ -158,6 +158,23 @@ def test_cheap_features_and_unnamed_encoders_are_never_written(tmp_path: Path) -
 # ---- cached_tile_index: the shift metric's tile statistics, kept between runs -------------
 
 
+def _count_norm_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the row count of every exact squared-norm computation of an index."""
+    import privacy.search as search
+    import privacy.tiles as tiles
+
+    real = search.exact_sq_norms
+    counted: list[int] = []
+
+    def counting(block: np.ndarray) -> np.ndarray:
+        counted.append(len(block))
+        return real(block)
+
+    monkeypatch.setattr(search, "exact_sq_norms", counting)
+    monkeypatch.setattr(tiles, "exact_sq_norms", counting)
+    return counted
+
+
 def _windows_problem() -> tuple[ShiftFlipDistance, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(8)
     images = rng.random((60, 20, 20)).astype(np.float32)
@@ -177,18 +194,7 @@ def test_tile_index_is_kept_and_answers_like_a_fresh_one(
         raise AssertionError("the tile index was rebuilt instead of loaded")
 
     monkeypatch.setattr(TileIndex, "__init__", no_build)
-    import privacy.search as search
-    import privacy.tiles as tiles
-
-    real = search.exact_sq_norms
-    counted: list[int] = []
-
-    def counting(block: np.ndarray) -> np.ndarray:
-        counted.append(len(block))
-        return real(block)
-
-    monkeypatch.setattr(search, "exact_sq_norms", counting)
-    monkeypatch.setattr(tiles, "exact_sq_norms", counting)
+    counted = _count_norm_rows(monkeypatch)
     second = cached_tile_index(tmp_path, "digest", metric, feats, (16, 16))
     assert counted == [16]  # the norms are kept: only the spot check's rows are recomputed
     np.testing.assert_array_equal(second.sq_norms, first.sq_norms)
@@ -259,19 +265,10 @@ def _dense_problem() -> tuple[ContrastRMSE, np.ndarray, np.ndarray, np.ndarray]:
 def test_dense_norms_are_kept_and_answer_like_a_fresh_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import privacy.search as search
-
     metric, images, rows, queries = _dense_problem()
     first = cached_dense_index(tmp_path, "digest", metric, rows)
     assert len(list(tmp_path.glob("dense-*.npz"))) == 1
-    real = search.exact_sq_norms
-    counted: list[int] = []
-
-    def counting(block: np.ndarray) -> np.ndarray:
-        counted.append(len(block))
-        return real(block)
-
-    monkeypatch.setattr(search, "exact_sq_norms", counting)
+    counted = _count_norm_rows(monkeypatch)
     second = cached_dense_index(tmp_path, "digest", metric, rows)
     assert counted == [16]  # the spot check only, not every row
     np.testing.assert_array_equal(second.sq_norms, first.sq_norms)
