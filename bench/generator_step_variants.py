@@ -64,7 +64,7 @@ def main() -> None:
         x = torch.rand(shape).contiguous(memory_format=fmt)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_of(x)
+            loss: Any = loss_of(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -80,8 +80,8 @@ def main() -> None:
         with FlopCounterMode(display=False) as counter:
             x = torch.rand(shape)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = loss_of(x)
-            loss.backward()
+                whole: Any = loss_of(x)
+            whole.backward()
         flops = counter.get_total_flops()
         line += (f"; {flops / 1e9:.1f} GFLOP a step, "
                  f"{flops / statistics.median(times) / 1e9:.0f} GFLOP/s")
