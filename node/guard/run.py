@@ -380,6 +380,10 @@ def generate_and_screen(
     cap = int(max_tries) if max_tries is not None else math.ceil(settings.max_tries_factor * count)
     if cap < 1:
         raise GuardError("max_tries must be at least 1", "--max-tries", 2)
+    if sampler is None:
+        # The site generator is a torch network: its import (about a second) is the sampler's
+        # cost, not the guard's, even when the guard's encoder is the first to ask for it.
+        import torch  # noqa: F401
     t0 = time.perf_counter()
     state = prepare_guard(paths, config, progress=progress)
     prepare_s = time.perf_counter() - t0  # the guard's share of the run starts here
