@@ -499,12 +499,23 @@ def test_patched_unet_trains_samples_and_keeps_the_latent_shape(node_home: Path)
     cfg = resolve_config(config.generator)
     unet = build_unet(cfg, 0)
     assert isinstance(unet, PatchedUNet)
-    assert unet.unet.conv_in.conv.in_channels == 4 * cfg.ae_latent_channels
+    inner: Any = unet.unet
+    assert inner.conv_in.conv.in_channels == 4 * cfg.ae_latent_channels
     x = torch.randn(3, cfg.ae_latent_channels, 8, 8)
     assert torch.equal(unet.unfold(unet.fold(x)), x)  # folding loses nothing
     assert unet(x, torch.tensor([1, 500, 999])).shape == x.shape
     assert not isinstance(build_unet(resolve_config(GeneratorSettings(), "tiny"), 0),
                           PatchedUNet)  # patch 1: the plain network of older checkpoints
+    # Class labels (classifier-free guidance's) reach the folded network: another class,
+    # another prediction.
+    conditioned = build_unet(cfg, 2)
+    t = torch.tensor([10, 10, 10])
+    with torch.no_grad():
+        for p in conditioned.parameters():  # MONAI zeroes the output layer: any weights will do
+            p.normal_(0.0, 0.05)
+        a = conditioned(x, t, class_labels=torch.tensor([0, 0, 0]))
+        b = conditioned(x, t, class_labels=torch.tensor([1, 1, 1]))
+    assert a.shape == x.shape and not torch.equal(a, b)
     summary = train_generator(paths, config, progress=False, quality=False)
     assert summary["finished"] is True
     state, _ = load_checkpoint(checkpoint_path(paths))
