@@ -374,9 +374,10 @@ class Store:
 
 def _widen_half(half: np.ndarray) -> np.ndarray:
     """float16 -> float32, exactly. numpy's conversion runs at about 1.7 ns a value on our
-    boxes; torch's (vectorised, on its threads) takes an eighth of that, so it is used when a
-    caller has already imported torch (the guard's encoder and the generator do; importing it
-    here would cost a second to commands that need no network)."""
+    boxes; torch's (vectorised, on its threads) takes about a seventh of that (21 against 3 ms
+    for 3,064 slices of 64x64), so it is used when a caller has already imported torch (the
+    guard's encoder and the generator do; importing it here would cost a second to commands
+    that need no network)."""
     torch = sys.modules.get("torch")
     if torch is None or half.size < 1 << 16:
         return half.astype(np.float32)

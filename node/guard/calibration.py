@@ -455,7 +455,7 @@ def prepare_guard(
     settings = config.guard
     if "embedding" in settings.metrics:
         # The encoder needs torch; loaded before the reference, it also widens the store's
-        # float16 pixels, 4x faster than numpy (node.store._widen_half).
+        # float16 pixels about 7x faster than numpy (node.store._widen_half).
         import torch  # noqa: F401
     reference = load_reference(paths)
     digest = inputs_digest(reference.digest, int(reference.images.shape[1]), config)
